@@ -1,0 +1,39 @@
+"""A labelled grid of pairs, so a person can see what the data looks like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pairnet.data.pairs import PairSet
+
+
+def preview_grid(pairs: PairSet, out: str | Path, n: int = 24, cols: int = 4, seed: int = 0) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))
+    rows = -(-pick.size // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 1.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    digits = (pairs.extras.get("digit_a"), pairs.extras.get("digit_b"))
+    for ax, i in zip(axes.ravel(), pick):
+        ax.imshow(pairs.x[i], cmap="gray", vmin=0, vmax=255)
+        title = pairs.ids[i] if pairs.ids is not None else f"#{i}"
+        if pairs.y is not None:
+            title += f"  y={int(pairs.y[i])}"
+        if digits[0] is not None:
+            title += f"  ({int(digits[0][i])}|{int(digits[1][i])})"
+        ax.set_title(title, fontsize=7)
+    fig.suptitle(f"{Path(pairs.source).name}: y=1 iff left digit > right digit", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
