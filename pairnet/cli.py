@@ -86,11 +86,147 @@ def _add_data(sub) -> None:
     p.set_defaults(func=_cmd_data_preview)
 
 
+# ---------------------------------------------------------------- server
+def _cmd_server(args) -> int:
+    from pairnet.tracking import server
+
+    if args.action == "start":
+        info = server.start(args.port)
+        print(f"MLflow tracking server running at {info.url} (pid {info.pid}); UI: {info.url}")
+        print(f"export MLFLOW_TRACKING_URI={info.url}")
+    elif args.action == "stop":
+        print("stopped" if server.stop(args.port) else f"no pairnet server running on port {args.port}")
+    else:
+        info = server.status(args.port)
+        print(f"{info.url}: {'running' if info.running else 'not running'} (store {info.store}, log {info.log_file})")
+        return 0 if info.running else 1
+    return 0
+
+
+def _add_server(sub) -> None:
+    p = sub.add_parser("server", help="start, stop or check the local MLflow tracking server")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_server)
+
+
+# ---------------------------------------------------------------- stages
+TRAIN_ARGS = {
+    "model_name": str, "layers": str, "width_mult": float, "feat_dim": whole, "block": str, "attention": str,
+    "dropout": float, "epochs": whole, "batch_size": whole, "lr": float, "weight_decay": float, "scheduler": str,
+    "grad_clip": float, "patience": whole, "loss": str, "focal_alpha": float, "focal_gamma": float,
+    "label_smoothing": float, "amp": str, "seed": whole, "max_steps_per_epoch": whole, "eval_batch_size": whole,
+}
+
+
+def _bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true/false")
+
+
+def _add_train_args(p, *, stage3: bool = False) -> None:
+    p.add_argument("--preset", default="full", help="tiny (tests), quick (CPU demo) or full (the recipe)")
+    p.add_argument("--data-dir", help="folder with pair files (default: <project>/data; made if empty)")
+    p.add_argument("--device", default="auto")
+    for name, typ in TRAIN_ARGS.items():
+        if stage3 and name in ("model_name", "seed"):
+            continue
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+    p.add_argument("--fusion", type=_bool, default=None)
+    p.add_argument("--augment", type=_bool, default=None)
+    p.add_argument("--channels-last", dest="channels_last", type=_bool, default=None)
+    p.add_argument("--mlproject", action="store_true",
+                   help="called from MLproject: values equal to the recipe's count as not given")
+    if stage3:
+        p.add_argument("--members", default="", help="variant:seed,... (default: all eight members)")
+    else:
+        p.add_argument("--resume", default="", help="true (newest killed run of this model) or a run id")
+
+
+def _request(args):
+    from pairnet.stages import StageRequest
+
+    keys = list(TRAIN_ARGS) + ["fusion", "augment", "channels_last"]
+    explicit = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return StageRequest(preset=args.preset, data_dir=args.data_dir, explicit=explicit, device=args.device,
+                        resume=getattr(args, "resume", ""), recipe_means_unset=args.mlproject,
+                        members=getattr(args, "members", ""))
+
+
+def _print_summary(rows: list[dict]) -> None:
+    for r in rows:
+        verdict = "champion" if r["promoted"] else "kept previous champion"
+        print(f"{r['name']} v{r['version']}: val acc {r['val_acc']:.4f} ({verdict}); run {r['run_id']}")
+
+
+def _cmd_stage(args) -> int:
+    from pairnet import stages
+
+    req = _request(args)
+    if args.cmd == "stage3":
+        _print_summary(stages.run_stage3(req))
+    else:
+        _print_summary([stages.run_single(args.cmd, req)])
+    return 0
+
+
+def _add_stages(sub) -> None:
+    for name, text in (("stage1", "fusion model (improved_v2)"), ("stage2", "deep ResNet compare net"),
+                       ("stage3", "diversity: seeds, FPN and fusion members as nested runs")):
+        p = sub.add_parser(name, help=f"train {text} as a tracked MLflow run")
+        _add_train_args(p, stage3=(name == "stage3"))
+        p.set_defaults(func=_cmd_stage)
+
+
+# ---------------------------------------------------------------- registry
+def _cmd_models(args) -> int:
+    from pairnet.stages import setup_tracking
+    from pairnet.tracking.registry import list_registered
+
+    setup_tracking()
+    rows = list_registered()
+    if not rows:
+        print("no registered pairnet models yet")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':{width}s}  version  aliases    val_acc")
+    for r in rows:
+        print(f"{r['name']:{width}s}  {r['version']:7d}  {r['aliases'] or '-':9s}  {r['val_acc'] or '-'}")
+    return 0
+
+
+def _cmd_promote(args) -> int:
+    from pairnet.stages import setup_tracking
+    from pairnet.tracking.registry import promote
+
+    setup_tracking()
+    promote(args.name, args.version, alias=args.alias)
+    print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def _add_registry(sub) -> None:
+    p = sub.add_parser("models", help="list registered pairnet models, versions, aliases, val accuracy")
+    p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("promote", help="point an alias (default champion) at a model version")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--alias", default="champion")
+    p.set_defaults(func=_cmd_promote)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairnet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)
+    _add_server(sub)
+    _add_stages(sub)
+    _add_registry(sub)
     return parser
 
 

@@ -1,0 +1,68 @@
+"""Figures shared by runs, stacking and notebooks (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def learning_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
+    ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
+    ax2.plot(epochs, [h["val_acc"] for h in history], label="val")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy"), ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def confusion(y: np.ndarray, prob: np.ndarray, path: str | Path, title: str = "") -> Path:
+    plt = _plt()
+    pred = (prob >= 0.5).astype(int)
+    m = np.zeros((2, 2), dtype=int)
+    np.add.at(m, (y.astype(int), pred), 1)
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(m, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center")
+    ax.set_xticks([0, 1], ["pred 0", "pred 1"]), ax.set_yticks([0, 1], ["true 0", "true 1"])
+    ax.set_title(title or "validation confusion matrix", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def bar_chart(labels: list[str], values: list[float], path: str | Path, ylabel: str, title: str = "") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels)), 3.4))
+    ax.bar(range(len(labels)), values, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    lo = min(values) if values else 0
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,74 @@
+"""Presets size data, epochs and widths: ``tiny`` (tests), ``quick`` (CPU demo), ``full`` (the recipe).
+
+Resolution order for every training value: the recipe's defaults (``TrainConfig``) →
+the preset → the values the user gave explicitly.
+"""
+
+from __future__ import annotations
+
+from pairnet.errors import PairnetError
+from pairnet.train.config import TrainConfig
+
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "data_size": "tiny",
+        "train": dict(epochs=2, width_mult=0.25, feat_dim=32, batch_size=64, patience=0, max_steps_per_epoch=4,
+                      eval_batch_size=256),
+    },
+    "quick": {
+        "data_size": "quick",
+        "train": dict(epochs=6, width_mult=0.5, feat_dim=128, batch_size=128, lr=2e-3, patience=3),
+    },
+    "full": {"data_size": "full", "train": {}},
+}
+
+# Stage-specific recipe values (DESIGN.md): stage 1 trains 50 epochs with patience 5.
+STAGE_RECIPE = {
+    "stage1": dict(model_name="improved_v2", epochs=50, patience=5),
+    "stage2": dict(model_name="resnet_optimized_1.12", layers="3,3,3", epochs=100, patience=10),
+    "stage3": dict(model_name="resnet_optimized_1.12", layers="3,3,3", epochs=100, patience=10),
+    "tune": dict(model_name="resnet_optimized", epochs=10, patience=0),
+}
+
+
+def check_preset(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise PairnetError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def recipe_config(stage: str) -> TrainConfig:
+    return TrainConfig(**STAGE_RECIPE.get(stage, {}))
+
+
+def build_config(stage: str, preset: str, explicit: dict, *, recipe_means_unset: bool = False) -> TrainConfig:
+    """The stage's config: recipe defaults, then the preset, then explicit values.
+
+    ``recipe_means_unset``: for ``mlflow run``, whose MLproject always passes every
+    parameter (with the recipe's value as default), a value equal to the recipe's
+    counts as not given, so ``-P preset=tiny`` alone still shrinks the run.
+    """
+    base = recipe_config(stage)
+    values = base.to_dict()
+    values.update(check_preset(preset)["train"])
+    recipe = base.to_dict()
+    for key, value in explicit.items():
+        if value is None:
+            continue
+        if key not in values:
+            raise PairnetError(f"unknown training parameter '{key}'")
+        if recipe_means_unset and key in recipe and _same(value, recipe[key]):
+            continue
+        values[key] = value
+    if "layers" in values and isinstance(values["layers"], (list, tuple)):
+        values["layers"] = ",".join(str(v) for v in values["layers"])
+    return TrainConfig(**values).validate()
+
+
+def _same(a, b) -> bool:
+    if isinstance(b, float) or isinstance(a, float):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    return str(a).replace(" ", "") == str(b).replace(" ", "")

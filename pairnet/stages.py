@@ -1,0 +1,315 @@
+"""Stages 1–3 as tracked MLflow runs: the edge where config, data, the training loop,
+tracking and the registry meet. Entry points and the CLI call these functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from pairnet.data.generate import FILES, ensure_dataset
+from pairnet.data.pairs import PairSet, load_pairs
+from pairnet.errors import PairnetError
+from pairnet.models import create_model, model_from_spec
+from pairnet.paths import data_dir as default_data_dir
+from pairnet.presets import build_config, check_preset
+from pairnet.tracking import registry
+from pairnet.tracking.callback import MlflowCallback
+from pairnet.tracking.lifecycle import managed_run, start_or_attach
+from pairnet.tracking.model import log_pair_model
+from pairnet.tracking.server import tracking_uri
+from pairnet.train.config import TrainConfig
+from pairnet.train.loop import amp_dtype, evaluate, fit, load_checkpoint, pick_device, predict_proba
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "pairnet"
+CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
+# Stage 3 members: (model variant, seed), DESIGN.md.
+STAGE3_MEMBERS = (
+    [("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)]
+    + [("fpn_model", 42)]
+    + [("improved_v2", s) for s in (42, 123, 456)]
+)
+
+
+@dataclass
+class StageRequest:
+    """What a user asked for, before presets are applied."""
+
+    preset: str = "full"
+    data_dir: str | None = None
+    explicit: dict = field(default_factory=dict)  # training values the user gave
+    device: str = "auto"
+    resume: str = ""  # "", "true" (latest killed run of this model) or a run id
+    recipe_means_unset: bool = False  # True under `mlflow run` (see presets.build_config)
+    members: str = ""  # stage 3 only: "variant:seed,..." subset of STAGE3_MEMBERS
+
+
+@dataclass
+class Splits:
+    train: PairSet
+    val: PairSet
+    public: PairSet | None
+    data_dir: Path
+
+    def digest(self) -> str:
+        return self.train.digest()[:8] + self.val.digest()[:8]
+
+
+# ---------------------------------------------------------------- setup
+def setup_tracking() -> str:
+    """Resolve the tracking URI (starting the local server if needed) and the experiment."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    return uri
+
+
+def load_splits(data_dir: str | Path | None, preset: str) -> Splits:
+    """Train/val (and labelled public test, when present); make the default set if absent."""
+    d = Path(data_dir) if data_dir else default_data_dir()
+    if ensure_dataset(d, size=check_preset(preset)["data_size"]):
+        log.warning("made the default %s dataset in %s", check_preset(preset)["data_size"], d)
+    train, val = load_pairs(d / FILES["train"]), load_pairs(d / FILES["val"])
+    train.require_labels(), val.require_labels()
+    public = None
+    labels = d / "test_public_labels.csv"
+    if (d / FILES["public"]).exists() and labels.exists():
+        public = load_pairs(d / FILES["public"], labels=labels)
+    return Splits(train, val, public, d)
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    from pairnet.paths import project_root
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------- one tracked training
+def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: str, run_name: str,
+                  device: str = "auto", preset: str = "full", parent_run_id: str | None = None,
+                  resume_run_id: str | None = None) -> dict:
+    """Train one model inside its own MLflow run; log everything; register; gate champion."""
+    dev = pick_device(device)
+    tags = {
+        "pairnet.stage": stage, "pairnet.model": cfg.model_name, "pairnet.seed": str(cfg.seed),
+        "pairnet.data_digest": splits.digest(), "pairnet.preset": preset, "pairnet.git_commit": _git_commit(),
+        "pairnet.registered_name": registered,
+    }
+    resume_state = None
+    if resume_run_id:
+        resume_state = _download_checkpoint(resume_run_id)
+        cfg = TrainConfig.from_dict(resume_state["config"])
+        tags["pairnet.resumed_from"] = resume_run_id
+    model = model_from_spec(resume_state["spec"]) if resume_state else create_model(cfg.model_name, **cfg.model_overrides())
+
+    run_id = start_or_attach(run_name, tags, parent_run_id=parent_run_id)
+    ckpt_dir = Path(tempfile.mkdtemp(prefix=f"pairnet-{run_id[:8]}-"))
+    ckpt = ckpt_dir / "last.pt"
+
+    def log_last_checkpoint() -> None:
+        if ckpt.exists():
+            MlflowClient().log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
+
+    def on_interrupt() -> None:
+        log_last_checkpoint()
+        log.warning("interrupted: run %s keeps its last checkpoint; continue it with resume=true or resume=%s",
+                    run_id, run_id)
+
+    with managed_run(run_id, on_interrupt=on_interrupt):
+        params = {**cfg.to_dict(), "stage": stage, "preset": preset, "data_dir": str(splits.data_dir),
+                  "device": str(dev), "amp_dtype": str(amp_dtype(cfg.amp, dev)), "registered_name": registered,
+                  "n_train": len(splits.train), "n_val": len(splits.val)}
+        params.update({f"model.{k}": v for k, v in model.spec.items()})
+        if resume_run_id:
+            params["resumed_from"] = resume_run_id
+        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+        _log_datasets(splits)
+
+        callback = MlflowCallback(run_id)
+        if resume_state:  # the killed run's curves continue in this run
+            for row in resume_state["history"]:
+                callback.on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+        result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback],
+                     checkpoint_path=ckpt, resume=resume_state)
+        summary = _log_outcome(model, result, cfg, splits, dev, stage, registered, run_id)
+        log_last_checkpoint()
+    return summary
+
+
+def _log_datasets(splits: Splits) -> None:
+    for pairs, context in ((splits.train, "training"), (splits.val, "validation")):
+        ds = mlflow.data.from_numpy(pairs.x, targets=pairs.y, source=str(Path(pairs.source).resolve()),
+                                    name=Path(pairs.source).stem)
+        mlflow.log_input(ds, context=context)
+
+
+def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: str, registered: str, run_id: str) -> dict:
+    from pairnet import plots
+
+    dtype = amp_dtype(cfg.amp, dev)
+    final = dict(result.final)
+    val_prob = predict_proba(model, splits.val.x, device=dev, batch_size=cfg.eval_batch_size, amp=dtype)
+    if splits.public is not None:
+        pub = evaluate(model, splits.public.x, splits.public.y, device=dev, batch_size=cfg.eval_batch_size,
+                       amp=dtype, prefix="test_public_")
+        final.update(pub)
+        mlflow.log_metrics({k: v for k, v in pub.items()})
+    if hasattr(model.head, "head_logits"):  # fusion heads: weights and a per-head ablation
+        final.update(_fusion_ablation(model, splits.val, dev, cfg))
+        mlflow.log_metrics({k: v for k, v in final.items() if k.startswith("head_")})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plots.learning_curves(result.history, tmp / "learning_curves.png", title=f"{stage} {cfg.model_name}")
+        plots.confusion(splits.val.y, val_prob, tmp / "confusion_matrix.png")
+        (tmp / "final_metrics.json").write_text(json.dumps(
+            {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, **final}, indent=2))
+        mlflow.log_artifacts(str(tmp))
+
+    info = log_pair_model(model, splits.val.x, registered_name=registered)
+    version = str(info.registered_model_version)
+    val_acc = float(final["val_acc"])
+    registry.tag_version(registered, version, {
+        "val_acc": f"{val_acc:.6f}", "val_auc": f"{final['val_auc']:.6f}", "stage": stage,
+        "model": cfg.model_name, "seed": cfg.seed, "run_id": run_id,
+        **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
+    })
+    decision = registry.champion_gate(registered, version, val_acc)
+    mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
+                     "pairnet.model_version": version})
+    mlflow.log_metric("champion_promoted", float(decision.promoted))
+    if decision.champion_val_acc is not None:
+        mlflow.log_metric("champion_val_acc_before", decision.champion_val_acc)
+    return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc,
+            "test_public_acc": final.get("test_public_acc"), "promoted": decision.promoted,
+            "model": cfg.model_name, "stage": stage, "seed": cfg.seed}
+
+
+def _fusion_ablation(model, val: PairSet, dev, cfg: TrainConfig) -> dict[str, float]:
+    """Softmax weight of each fusion head and the val accuracy of each head alone."""
+    import torch
+
+    model.eval()
+    out = {}
+    weights = model.head.weights().detach().cpu().numpy()
+    with torch.inference_mode():
+        logits = []
+        for start in range(0, len(val), cfg.eval_batch_size):
+            xb = torch.from_numpy(val.x[start:start + cfg.eval_batch_size]).to(dev).float() / 255
+            fa, fb = model.forward_features(xb)
+            logits.append(model.head.head_logits(model.head.features(fa.float(), fb.float())).cpu())
+        logits = torch.cat(logits).numpy()
+    for i, name in enumerate(model.head.NAMES):
+        out[f"head_weight_{name}"] = float(weights[i])
+        out[f"head_acc_{name}"] = float(((logits[:, i] > 0).astype(int) == val.y).mean())
+    return out
+
+
+def _download_checkpoint(run_id: str) -> dict:
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise PairnetError(f"run '{run_id}' not found on the tracking server; cannot resume it") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT, tmp)
+        except Exception:
+            raise PairnetError(f"run '{run_id}' has no '{CHECKPOINT_ARTIFACT}' artifact to resume from") from None
+        return load_checkpoint(path)
+
+
+def find_resumable(stage: str, model_name: str, seed: int) -> str:
+    """The newest KILLED or FAILED run of this stage/model/seed that logged a checkpoint."""
+    exp_ids = [e.experiment_id for e in MlflowClient().search_experiments()]
+    runs = MlflowClient().search_runs(
+        exp_ids,
+        filter_string=(f"tags.`pairnet.stage` = '{stage}' and tags.`pairnet.model` = '{model_name}' "
+                       f"and tags.`pairnet.seed` = '{seed}' and attributes.status IN ('KILLED', 'FAILED')"),
+        order_by=["attributes.start_time DESC"], max_results=20,
+    )
+    for run in runs:
+        names = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "checkpoint")]
+        if CHECKPOINT_ARTIFACT in names:
+            return run.info.run_id
+    raise PairnetError(f"no killed or failed {stage} run of {model_name} (seed {seed}) with a checkpoint to resume")
+
+
+def _resume_target(req: StageRequest, stage: str, cfg: TrainConfig) -> str | None:
+    value = (req.resume or "").strip()
+    if value.lower() in ("", "false", "0", "no"):
+        return None
+    if value.lower() in ("true", "1", "yes"):
+        return find_resumable(stage, cfg.model_name, cfg.seed)
+    return value
+
+
+# ---------------------------------------------------------------- stages
+def run_single(stage: str, req: StageRequest) -> dict:
+    """Stages 1 and 2: one model, one run, registered as ``pairnet-<variant>``."""
+    setup_tracking()
+    cfg = build_config(stage, req.preset, req.explicit, recipe_means_unset=req.recipe_means_unset)
+    splits = load_splits(req.data_dir, req.preset)
+    resume = _resume_target(req, stage, cfg)
+    return train_tracked(cfg, stage=stage, splits=splits, registered=registry.registered_name(cfg.model_name),
+                         run_name=f"{stage}/{cfg.model_name}/seed{cfg.seed}", device=req.device,
+                         preset=req.preset, resume_run_id=resume)
+
+
+def parse_members(text: str) -> list[tuple[str, int]]:
+    if not text.strip():
+        return list(STAGE3_MEMBERS)
+    out = []
+    for item in text.split(","):
+        variant, _, seed = item.strip().partition(":")
+        try:
+            out.append((variant, int(seed)))
+        except ValueError:
+            raise PairnetError(f"member '{item}' must look like variant:seed, e.g. fpn_model:42") from None
+    return out
+
+
+def run_stage3(req: StageRequest) -> list[dict]:
+    """One parent run; a nested child per (variant, seed) member, each registered."""
+    setup_tracking()
+    members = parse_members(req.members)
+    splits = load_splits(req.data_dir, req.preset)
+    configs = []
+    for variant, seed in members:
+        explicit = {**req.explicit, "model_name": variant, "seed": seed}
+        cfg = build_config("stage3", req.preset, explicit, recipe_means_unset=req.recipe_means_unset)
+        if variant != "resnet_optimized_1.12":
+            cfg.layers = None  # the recipe's 3,3,3 belongs to the ResNet only
+        configs.append(cfg)
+    parent = start_or_attach("stage3/diversity", {"pairnet.stage": "stage3", "pairnet.preset": req.preset,
+                                                  "pairnet.data_digest": splits.digest()})
+    results = []
+    with managed_run(parent):
+        mlflow.log_params({"preset": req.preset, "members": ",".join(f"{v}:{s}" for v, s in members),
+                           "data_dir": str(splits.data_dir)})
+        for cfg in configs:
+            res = train_tracked(cfg, stage="stage3", splits=splits,
+                                registered=registry.registered_name(cfg.model_name, cfg.seed),
+                                run_name=f"stage3/{cfg.model_name}/seed{cfg.seed}", device=req.device,
+                                preset=req.preset, parent_run_id=parent)
+            results.append(res)
+        accs = np.array([r["val_acc"] for r in results])
+        mlflow.log_metrics({"members": float(len(results)), "best_member_val_acc": float(accs.max()),
+                            "mean_member_val_acc": float(accs.mean())})
+    return results

@@ -1,0 +1,300 @@
+"""The training engine: one ``fit()`` owns AMP, clipping, scheduling, early stopping
+and checkpoints; ``evaluate()`` and ``predict_proba()`` are separate and reused by
+training, stacking and prediction. Tracking plugs in through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pairnet.data.augment import augment_batch
+from pairnet.data.pairs import PairSet
+from pairnet.errors import PairnetError
+from pairnet.train.config import TrainConfig
+from pairnet.train.losses import make_loss
+from pairnet.train.metrics import binary_metrics
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    """Hooks the loop calls; tracking, pruning and progress bars implement these."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, path: Path, epoch: int) -> None: ...
+
+    def on_fit_end(self, result: "FitResult") -> None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_acc: float
+    stopped_early: bool
+    final: dict[str, float] = field(default_factory=dict)  # val metrics of the restored best weights
+    checkpoint: Path | None = None
+
+
+# ------------------------------------------------------------------ precision
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a config value on a device (None = full fp32).
+
+    ``auto``: bf16 on CUDA when supported (else fp16 with a GradScaler); on the CPU,
+    bf16 only where the chip has native bf16 matrix units (AMX/avx512_bf16), where
+    bench/train_bench.py measured it faster; otherwise fp32.
+    """
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise PairnetError("amp 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_fast_bf16() else None
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PairnetError(f"device '{name}' asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------ inference
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *, device: torch.device,
+                   batch_size: int = 1024, amp: torch.dtype | None = None) -> torch.Tensor:
+    """Logits (N,) for uint8 pairs, batched; x may already live on the device."""
+    model.eval()
+    xs = torch.as_tensor(x)
+    out = []
+    for start in range(0, xs.shape[0], batch_size):
+        xb = xs[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        with autocast(device, amp):
+            out.append(model(xb).float())
+    return torch.cat(out).cpu()
+
+
+def predict_proba(model: torch.nn.Module, x: np.ndarray, *, device: torch.device, batch_size: int = 1024,
+                  amp: torch.dtype | None = None) -> np.ndarray:
+    return torch.sigmoid(predict_logits(model, x, device=device, batch_size=batch_size, amp=amp)).numpy()
+
+
+def evaluate(model: torch.nn.Module, x, y: np.ndarray, *, device: torch.device, loss_fn=None,
+             batch_size: int = 1024, amp: torch.dtype | None = None, prefix: str = "val_") -> dict[str, float]:
+    """Loss, accuracy, F1, precision, recall and ROC AUC on labelled pairs."""
+    logits = predict_logits(model, x, device=device, batch_size=batch_size, amp=amp)
+    y = np.asarray(y)
+    metrics = binary_metrics(torch.sigmoid(logits).numpy(), y, prefix=prefix)
+    if loss_fn is not None:
+        metrics[prefix + "loss"] = float(loss_fn(logits, torch.as_tensor(y, dtype=torch.float32)))
+    return metrics
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a torn checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PairnetError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for bad files
+        raise PairnetError(f"{path}: not a readable pairnet checkpoint ({type(err).__name__})") from None
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ fit
+def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "epoch"
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2), "plateau"
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                   steps_per_epoch=steps_per_epoch), "step"
+    return None, "none"
+
+
+def fit(
+    model: torch.nn.Module,
+    train: PairSet,
+    val: PairSet,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    callbacks: list[Callback] = (),
+    checkpoint_path: str | Path | None = None,
+    resume: dict | None = None,
+) -> FitResult:
+    """Train ``model`` in place; on return it holds the best-validation weights."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dtype = amp_dtype(cfg.amp, device)
+    loss_fn = make_loss(cfg)
+
+    # Each split lives on the device as one uint8 tensor; batches are taken by index.
+    xs = torch.from_numpy(np.ascontiguousarray(train.x)).to(device)
+    ys = torch.from_numpy(train.require_labels().astype(np.float32)).to(device)
+    xv = torch.from_numpy(np.ascontiguousarray(val.x)).to(device)
+    yv = val.require_labels()
+    n = xs.shape[0]
+    steps = n // cfg.batch_size if n >= cfg.batch_size else 1
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched, sched_kind = _make_scheduler(opt, cfg, steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+
+    start_epoch, best_acc, best_epoch, bad_epochs = 1, -1.0, 0, 0
+    best_state, history = None, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if sched is not None and resume.get("scheduler") is not None:
+            sched.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        _set_rng_state(resume["rng"], gen)
+        start_epoch = int(resume["epoch"]) + 1
+        best_acc, best_epoch = float(resume["best_val_acc"]), int(resume["best_epoch"])
+        bad_epochs, best_state = int(resume["bad_epochs"]), resume["best_state"]
+        history = list(resume["history"])
+        log.info("resuming at epoch %d (best val acc %.4f at epoch %d)", start_epoch, best_acc, best_epoch)
+
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if cfg.patience and bad_epochs >= cfg.patience:
+            stopped_early = True
+            break
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        norm_sum = torch.zeros((), device=device)
+        seen = 0
+        for step in range(steps):
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb = xs[idx].float().div_(255)
+            yb = ys[idx]
+            if cfg.augment:
+                xb, yb = augment_batch(xb, yb, gen)
+            with autocast(device, dtype):
+                logits = model(xb)
+            loss = loss_fn(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            scaler.step(opt)
+            scaler.update()
+            if sched_kind == "step":
+                sched.step()
+            # Accumulate on the device: no host sync per step.
+            loss_sum += loss.detach() * idx.numel()
+            correct += ((logits.detach() > 0).float() == (yb > 0.5).float()).sum()
+            seen += idx.numel()
+        train_seconds = time.perf_counter() - t0
+
+        metrics = {
+            "train_loss": float(loss_sum) / seen,
+            "train_acc": float(correct) / seen,
+            "grad_norm": float(norm_sum) / steps,
+            "lr": opt.param_groups[0]["lr"],
+        }
+        metrics.update(evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size, amp=dtype))
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        metrics["pairs_per_s"] = seen / train_seconds
+        if sched_kind == "epoch":
+            sched.step()
+        elif sched_kind == "plateau":
+            sched.step(metrics["val_acc"])
+
+        if metrics["val_acc"] > best_acc:
+            best_acc, best_epoch, bad_epochs = metrics["val_acc"], epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        metrics["best_val_acc"] = best_acc
+        history.append({"epoch": epoch, **metrics})
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  val acc %.4f  %.1fs", epoch, cfg.epochs,
+                 metrics["train_loss"], metrics["train_acc"], metrics["val_acc"], metrics["epoch_seconds"])
+
+        if ckpt is not None:
+            save_checkpoint(ckpt, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "rng": _rng_state(gen), "epoch": epoch, "best_val_acc": best_acc, "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs, "best_state": best_state, "history": history,
+                "config": cfg.to_dict(), "spec": getattr(model, "spec", {}),
+            })
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, metrics)
+        if ckpt is not None:
+            for cb in callbacks:
+                cb.on_checkpoint(ckpt, epoch)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    final = evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size, amp=dtype)
+    result = FitResult(history=history, best_epoch=best_epoch, best_val_acc=best_acc,
+                       stopped_early=stopped_early, final=final, checkpoint=ckpt)
+    for cb in callbacks:
+        cb.on_fit_end(result)
+    return result
+
