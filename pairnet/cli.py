@@ -151,7 +151,7 @@ def _request(args):
     from pairnet.stages import StageRequest
 
     keys = list(TRAIN_ARGS) + ["fusion", "augment", "channels_last"]
-    explicit = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    explicit = {k: getattr(args, k) for k in keys if getattr(args, k, None) not in (None, "")}
     return StageRequest(preset=args.preset, data_dir=args.data_dir, explicit=explicit, device=args.device,
                         resume=getattr(args, "resume", ""), recipe_means_unset=args.mlproject,
                         members=getattr(args, "members", ""))
@@ -184,6 +184,9 @@ def _add_stages(sub) -> None:
 
 # ---------------------------------------------------------------- registry
 def _cmd_models(args) -> int:
+    from pairnet.tracking.server import tracking_uri
+
+    tracking_uri()  # fail fast, before the heavy imports, when the server is unreachable
     from pairnet.stages import setup_tracking
     from pairnet.tracking.registry import list_registered
 
@@ -200,6 +203,9 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_promote(args) -> int:
+    from pairnet.tracking.server import tracking_uri
+
+    tracking_uri()
     from pairnet.stages import setup_tracking
     from pairnet.tracking.registry import promote
 

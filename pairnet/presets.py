@@ -25,8 +25,10 @@ PRESETS: dict[str, dict] = {
 # Stage-specific recipe values (DESIGN.md): stage 1 trains 50 epochs with patience 5.
 STAGE_RECIPE = {
     "stage1": dict(model_name="improved_v2", epochs=50, patience=5),
-    "stage2": dict(model_name="resnet_optimized_1.12", layers="3,3,3", epochs=100, patience=10),
-    "stage3": dict(model_name="resnet_optimized_1.12", layers="3,3,3", epochs=100, patience=10),
+    # layers come from the variant (resnet_optimized_1.12 is 3,3,3), so another
+    # variant chosen by name keeps its own depth.
+    "stage2": dict(model_name="resnet_optimized_1.12", epochs=100, patience=10),
+    "stage3": dict(model_name="resnet_optimized_1.12", epochs=100, patience=10),
     "tune": dict(model_name="resnet_optimized", epochs=10, patience=0),
 }
 

@@ -132,12 +132,16 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
                     run_id, run_id)
 
     with managed_run(run_id, on_interrupt=on_interrupt):
-        params = {**cfg.to_dict(), "stage": stage, "preset": preset, "data_dir": str(splits.data_dir),
-                  "device": str(dev), "amp_dtype": str(amp_dtype(cfg.amp, dev)), "registered_name": registered,
-                  "n_train": len(splits.train), "n_val": len(splits.val)}
+        # Effective values under prefixes: `mlflow run` already logs the raw entry-point
+        # parameters under their plain names, and MLflow refuses to change a logged param.
+        params = {f"cfg.{k}": v for k, v in cfg.to_dict().items()}
         params.update({f"model.{k}": v for k, v in model.spec.items()})
+        params.update({"run.stage": stage, "run.preset": preset, "run.device": str(dev),
+                       "run.amp_dtype": str(amp_dtype(cfg.amp, dev)), "run.registered_name": registered,
+                       "data.dir": str(splits.data_dir), "data.n_train": len(splits.train),
+                       "data.n_val": len(splits.val), "data.digest": splits.digest()})
         if resume_run_id:
-            params["resumed_from"] = resume_run_id
+            params["run.resumed_from"] = resume_run_id
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         _log_datasets(splits)
 
@@ -241,10 +245,10 @@ def find_resumable(stage: str, model_name: str, seed: int) -> str:
     runs = MlflowClient().search_runs(
         exp_ids,
         filter_string=(f"tags.`pairnet.stage` = '{stage}' and tags.`pairnet.model` = '{model_name}' "
-                       f"and tags.`pairnet.seed` = '{seed}' and attributes.status IN ('KILLED', 'FAILED')"),
-        order_by=["attributes.start_time DESC"], max_results=20,
+                       f"and tags.`pairnet.seed` = '{seed}'"),
+        order_by=["attributes.start_time DESC"], max_results=50,
     )
-    for run in runs:
+    for run in (r for r in runs if r.info.status in ("KILLED", "FAILED")):
         names = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "checkpoint")]
         if CHECKPOINT_ARTIFACT in names:
             return run.info.run_id
@@ -293,16 +297,13 @@ def run_stage3(req: StageRequest) -> list[dict]:
     configs = []
     for variant, seed in members:
         explicit = {**req.explicit, "model_name": variant, "seed": seed}
-        cfg = build_config("stage3", req.preset, explicit, recipe_means_unset=req.recipe_means_unset)
-        if variant != "resnet_optimized_1.12":
-            cfg.layers = None  # the recipe's 3,3,3 belongs to the ResNet only
-        configs.append(cfg)
+        configs.append(build_config("stage3", req.preset, explicit, recipe_means_unset=req.recipe_means_unset))
     parent = start_or_attach("stage3/diversity", {"pairnet.stage": "stage3", "pairnet.preset": req.preset,
                                                   "pairnet.data_digest": splits.digest()})
     results = []
     with managed_run(parent):
-        mlflow.log_params({"preset": req.preset, "members": ",".join(f"{v}:{s}" for v, s in members),
-                           "data_dir": str(splits.data_dir)})
+        mlflow.log_params({"run.preset": req.preset, "run.members": ",".join(f"{v}:{s}" for v, s in members),
+                           "data.dir": str(splits.data_dir), "data.digest": splits.digest()})
         for cfg in configs:
             res = train_tracked(cfg, stage="stage3", splits=splits,
                                 registered=registry.registered_name(cfg.model_name, cfg.seed),

@@ -13,3 +13,59 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_data")
     make_dataset(out, GenConfig(size="tiny", seed=3))
     return out
+
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite store, served artifacts) on a free loopback port."""
+    from pairnet.tracking import server
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    info = server.start(port=port, root=root)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = info.url
+    import mlflow
+
+    mlflow.set_tracking_uri(info.url)
+    yield info.url
+    server.stop(port=port, root=root)
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def user_env(tracking_uri: str, experiment: str) -> dict:
+    """The environment a user has after activating the venv and exporting the server URI."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["MLFLOW_EXPERIMENT_NAME"] = experiment
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # tiny runs last seconds
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    return env
+
+
+def mlflow_run(entry: str, params: dict, env: dict, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+    cmd = ["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", env["MLFLOW_EXPERIMENT_NAME"]]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)

@@ -1,0 +1,1 @@
+"""MLflow integration: tracking server, run lifecycle, callback, model flavour, registry."""

@@ -1,0 +1,174 @@
+"""Stages as MLflow Project entry points against a real tracking server and registry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, mlflow_run, user_env
+from pairnet.data.pairs import load_pairs
+from pairnet.train import TrainConfig
+
+pytestmark = pytest.mark.integration
+
+
+def _runs(client, experiment, filter_string=""):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    return client.search_runs([exp.experiment_id], filter_string=filter_string)
+
+
+def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data):
+    env = user_env(mlflow_server, "it-stage2")
+    proc = mlflow_run("stage2", {"preset": "tiny", "data_dir": tiny_data}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = _runs(client, "it-stage2")
+    assert run.info.status == "FINISHED"
+    # Per-epoch metrics at steps 1..epochs (tiny preset: 2 epochs).
+    for key in ("train_loss", "val_acc", "val_auc", "lr", "grad_norm", "pairs_per_s"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [1, 2], (key, steps)
+    # The whole config as params, preset applied, recipe defaults kept where the preset is silent.
+    p = run.data.params
+    assert p["cfg.model_name"] == "resnet_optimized_1.12" and p["cfg.epochs"] == "2" and p["cfg.lr"] == "0.001"
+    assert p["cfg.weight_decay"] == "0.0005" and p["run.preset"] == "tiny" and p["model.layers"] == "[3, 3, 3]"
+    assert {f"cfg.{k}" for k in TrainConfig().to_dict()} <= set(p)
+    assert p["epochs"] == "100"  # the raw entry-point parameter that mlflow run logs itself
+    tags = run.data.tags
+    assert tags["pairnet.stage"] == "stage2" and tags["pairnet.seed"] == "42" and tags["pairnet.data_digest"]
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"learning_curves.png", "confusion_matrix.png", "final_metrics.json", "checkpoint"} <= arts
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train", "val"]
+    # The registry: a version with val metrics as tags and the champion alias.
+    mv = client.get_model_version_by_alias("pairnet-resnet_optimized_1.12", "champion")
+    assert mv.run_id == run.info.run_id and float(mv.tags["val_acc"]) == pytest.approx(run.data.metrics["final_val_acc"])
+    # pyfunc: uint8 (N, 28, 56) without labels → probabilities.
+    private = load_pairs(tiny_data / "test_private.npz")
+    assert private.y is None
+    model = mlflow.pyfunc.load_model("models:/pairnet-resnet_optimized_1.12@champion")
+    prob = np.asarray(model.predict(private.x))
+    assert prob.shape == (len(private),) and np.all((prob >= 0) & (prob <= 1))
+
+
+def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
+    from pairnet.cli import main
+    from pairnet.tracking.registry import champion_gate, champion_version
+
+    env = user_env(mlflow_server, "it-gate")
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = "it-gate"
+    try:
+        assert main(["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", "compare_cnn"]) == 0
+        assert main(["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", "compare_cnn",
+                     "--seed", "7"]) == 0
+    finally:
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME")
+    client = MlflowClient()
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='pairnet-compare_cnn'"))
+    assert versions[-2:] == [versions[-2], versions[-2] + 1]
+    champ = champion_version("pairnet-compare_cnn")
+    second = client.get_model_version("pairnet-compare_cnn", str(versions[-1]))
+    first = client.get_model_version("pairnet-compare_cnn", str(versions[-2]))
+    expected = versions[-1] if float(second.tags["val_acc"]) > float(first.tags["val_acc"]) else versions[-2]
+    assert int(champ.version) == expected
+    run = client.get_run(second.run_id)
+    assert run.data.tags["pairnet.champion_decision"] in ("promoted", "kept")
+    # The gate keeps a champion that is better than a newcomer.
+    decision = champion_gate("pairnet-compare_cnn", first.version, -1.0)
+    assert not decision.promoted and champion_version("pairnet-compare_cnn").version == champ.version
+    # Manual promotion through the CLI, and a clear error for a missing version.
+    assert main(["promote", "pairnet-compare_cnn", str(versions[-2])]) == 0
+    assert champion_version("pairnet-compare_cnn").version == str(versions[-2])
+    assert main(["promote", "pairnet-compare_cnn", "999"]) == 2
+    assert main(["models"]) == 0
+
+
+def test_stage3_parent_with_registered_children(mlflow_server, tiny_data):
+    env = user_env(mlflow_server, "it-stage3")
+    proc = mlflow_run("stage3", {"preset": "tiny", "data_dir": tiny_data}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    runs = _runs(client, "it-stage3")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    members = sorted((r.data.tags["pairnet.model"], int(r.data.tags["pairnet.seed"])) for r in children)
+    assert members == sorted([("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)] + [("fpn_model", 42)]
+                             + [("improved_v2", s) for s in (42, 123, 456)])
+    assert all(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        name = r.data.tags["pairnet.registered_name"]
+        assert name == f"pairnet-{r.data.tags['pairnet.model']}-seed{r.data.tags['pairnet.seed']}"
+        assert client.get_model_version(name, r.data.tags["pairnet.model_version"]).run_id == r.info.run_id
+    fusion = next(r for r in children if r.data.tags["pairnet.model"] == "improved_v2")
+    assert {f"head_weight_{n}" for n in ("abs_diff", "concat", "product", "cosine", "l2", "diff")} <= set(fusion.data.metrics)
+
+
+def test_sigterm_kills_run_and_resume_finishes(mlflow_server, tiny_data):
+    env = user_env(mlflow_server, "it-sigterm")
+    cmd = ["mlflow", "run", str(ROOT), "-e", "stage2", "--env-manager", "local", "--experiment-name", "it-sigterm",
+           "-P", "preset=tiny", "-P", f"data_dir={tiny_data}", "-P", "epochs=40", "-P", "model_name=compare_cnn"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    client = MlflowClient()
+    deadline = time.monotonic() + 180
+    run_id = None
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("it-sigterm")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_acc")) >= 2:
+            run_id = runs[0].info.run_id
+            break
+        time.sleep(0.3)
+    assert run_id, "training never reached epoch 2"
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    # The training process outlives `mlflow run` by the moment it takes to log its checkpoint.
+    for _ in range(120):
+        killed = client.get_run(run_id)
+        if killed.info.status != "RUNNING":
+            break
+        time.sleep(0.5)
+    assert killed.info.status == "KILLED", proc.stderr.read().decode()[-3000:]
+    assert "checkpoint/last.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    done = len(client.get_metric_history(run_id, "val_acc"))
+    assert done < 40
+
+    res = mlflow_run("stage2", {"preset": "tiny", "data_dir": tiny_data, "model_name": "compare_cnn",
+                                "resume": "true"}, env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [r for r in _runs(client, "it-sigterm") if r.info.run_id != run_id]
+    (resumed,) = runs
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["pairnet.resumed_from"] == run_id
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_acc")]
+    assert steps == list(range(1, 41))
+
+
+def test_bad_inputs_fail_cleanly(mlflow_server, tiny_data, tmp_path):
+    env = user_env(mlflow_server, "it-bad")
+    py = [sys.executable, "-m", "pairnet.cli"]
+    bad = subprocess.run(py + ["stage2", "--preset", "huge", "--data-dir", str(tiny_data)], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown preset 'huge'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(py + ["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", "nope"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
+    # An unreachable server: one line, well within 10 s.
+    env_down = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    t0 = time.monotonic()
+    down = subprocess.run(py + ["models"], env=env_down, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 2 and "unreachable" in down.stderr and len(down.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - t0 < 10
+    # Nothing was left RUNNING by any of the above.
+    exp = MlflowClient().get_experiment_by_name("it-bad")
+    if exp is not None:
+        assert not MlflowClient().search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")

@@ -1,0 +1,142 @@
+"""The training engine: metrics per epoch, early stopping, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pairnet.data.augment import augment_batch
+from pairnet.data.pairs import load_pairs
+from pairnet.errors import PairnetError
+from pairnet.models import create_model
+from pairnet.train import Callback, TrainConfig, fit, load_checkpoint, pick_device, predict_proba
+from pairnet.train.losses import focal_loss
+
+EPOCH_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "val_precision", "val_recall", "val_auc",
+              "lr", "grad_norm", "epoch_seconds", "pairs_per_s"}
+
+
+def _cfg(**over):
+    base = dict(model_name="compare_cnn", width_mult=0.25, feat_dim=16, epochs=4, batch_size=64, patience=0,
+                max_steps_per_epoch=3, amp="off", eval_batch_size=128, seed=5)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_data):
+    return load_pairs(tiny_data / "train.npz"), load_pairs(tiny_data / "val.npz")
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.epochs, self.checkpoints, self.result = [], [], None
+
+    def on_epoch_end(self, epoch, metrics):
+        self.epochs.append((epoch, metrics))
+
+    def on_checkpoint(self, path, epoch):
+        self.checkpoints.append(epoch)
+
+    def on_fit_end(self, result):
+        self.result = result
+
+
+def test_fit_logs_every_metric_each_epoch(splits, tmp_path):
+    cfg = _cfg()
+    rec = Recorder()
+    model = create_model(cfg.model_name, **cfg.model_overrides())
+    result = fit(model, *splits, cfg, device=pick_device("cpu"), callbacks=[rec], checkpoint_path=tmp_path / "c.pt")
+    assert [e for e, _ in rec.epochs] == [1, 2, 3, 4]
+    for _, metrics in rec.epochs:
+        assert EPOCH_KEYS <= set(metrics)
+        assert all(np.isfinite(v) for k, v in metrics.items() if k != "val_auc")
+    assert rec.checkpoints == [1, 2, 3, 4] and rec.result is result
+    assert result.best_val_acc == max(m["val_acc"] for _, m in rec.epochs)
+    ckpt = load_checkpoint(tmp_path / "c.pt")
+    assert ckpt["epoch"] == 4 and ckpt["config"]["model_name"] == "compare_cnn" and len(ckpt["history"]) == 4
+
+
+def test_resume_reaches_same_final_metrics(splits, tmp_path):
+    torch.set_num_threads(1)  # bit-exact comparison: one intra-op thread on both paths
+    try:
+        dev = pick_device("cpu")
+        cfg = _cfg(epochs=4, augment=True, scheduler="cosine")
+        full = fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev)
+
+        class StopAfter2(Callback):
+            def on_checkpoint(self, path, epoch):
+                if epoch == 2:
+                    raise KeyboardInterrupt
+
+        ckpt = tmp_path / "k.pt"
+        with pytest.raises(KeyboardInterrupt):
+            fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev,
+                callbacks=[StopAfter2()], checkpoint_path=ckpt)
+        state = load_checkpoint(ckpt)
+        assert state["epoch"] == 2
+        resumed = fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev,
+                      checkpoint_path=ckpt, resume=state)
+    finally:
+        torch.set_num_threads(2)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
+    assert resumed.final == full.final
+
+
+def test_early_stopping_restores_best(splits):
+    cfg = _cfg(epochs=30, patience=2, lr=1e-6)
+    model = create_model(cfg.model_name, **cfg.model_overrides())
+    result = fit(model, *splits, cfg, device=pick_device("cpu"))
+    assert result.stopped_early and len(result.history) < 30
+    assert result.final["val_acc"] == pytest.approx(result.best_val_acc)
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "onecycle", "none"])
+def test_schedulers_and_bce(splits, scheduler):
+    cfg = _cfg(epochs=2, scheduler=scheduler, loss="bce")
+    result = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=pick_device("cpu"))
+    assert len(result.history) == 2
+
+
+def test_bf16_autocast_on_cpu_trains(splits):
+    cfg = _cfg(epochs=1, amp="bf16")
+    result = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=pick_device("cpu"))
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_predict_proba_batched_matches_unbatched(splits):
+    model = create_model("compare_cnn", width_mult=0.25, feat_dim=16)
+    dev = pick_device("cpu")
+    a = predict_proba(model, splits[1].x[:50], device=dev, batch_size=7)
+    b = predict_proba(model, splits[1].x[:50], device=dev, batch_size=50)
+    assert a.shape == (50,) and np.allclose(a, b, atol=1e-5) and ((a >= 0) & (a <= 1)).all()
+
+
+def test_focal_loss_downweights_easy_examples():
+    y = torch.tensor([1.0, 1.0])
+    easy, hard = torch.tensor([4.0, 4.0]), torch.tensor([-1.0, -1.0])
+    ratio_focal = focal_loss(easy, y) / focal_loss(hard, y)
+    ratio_bce = torch.nn.functional.binary_cross_entropy_with_logits(easy, y) / \
+        torch.nn.functional.binary_cross_entropy_with_logits(hard, y)
+    assert ratio_focal < ratio_bce
+
+
+def test_augment_swap_flips_labels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 28, 56)
+    x[:, :, :28] = 1.0  # bright left, dark right
+    y = torch.ones(64)
+    xa, ya = augment_batch(x, y, g)
+    swapped = ya == 0
+    assert 10 < swapped.sum() < 54
+    left_brighter = xa[:, :, :28].sum(dim=(1, 2)) > xa[:, :, 28:].sum(dim=(1, 2))
+    assert torch.equal(left_brighter, ~swapped)
+
+
+@pytest.mark.parametrize("over, text", [({"scheduler": "linear"}, "scheduler"), ({"lr": 0}, "lr"),
+                                        ({"layers": "3,x"}, "layers"), ({"amp": "int8"}, "amp")])
+def test_bad_config_values(over, text):
+    with pytest.raises(PairnetError, match=text):
+        _cfg(**over).validate()
