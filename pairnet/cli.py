@@ -225,6 +225,43 @@ def _add_registry(sub) -> None:
     p.set_defaults(func=_cmd_promote)
 
 
+# ---------------------------------------------------------------- tune
+def _cmd_tune(args) -> int:
+    from pairnet.tune import TuneRequest, run_tune
+
+    req = TuneRequest(model_name=args.model_name, preset=args.preset, n_trials=args.n_trials, timeout=args.timeout,
+                      study_name=args.study_name, storage=args.storage, epochs=args.epochs,
+                      sampler_seed=args.sampler_seed, n_workers=args.n_workers, lr_low=args.lr_low,
+                      lr_high=args.lr_high, wd_low=args.wd_low, wd_high=args.wd_high, data_dir=args.data_dir,
+                      device=args.device, seed=args.seed)
+    out = run_tune(req)
+    print(f"study {out['study']}: {out['trials']} trials in storage, by state {out['states']}")
+    if "best_params" in out:
+        print(f"best trial {out['best_trial']}: val acc {out['best_value']:.4f} with {out['best_params']}")
+    return 0
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="Optuna study over lr and weight decay; each trial a nested MLflow run")
+    p.add_argument("--model-name", default="resnet_optimized")
+    p.add_argument("--preset", default="full")
+    p.add_argument("--n-trials", type=whole, default=20)
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds for this invocation (0: none)")
+    p.add_argument("--study-name", default="pairnet-lr-wd")
+    p.add_argument("--storage", default="", help="Optuna RDB URL (default sqlite:///<data>/optuna.db)")
+    p.add_argument("--epochs", type=whole, default=0, help="epochs per trial (0: the preset's)")
+    p.add_argument("--sampler-seed", type=whole, default=42)
+    p.add_argument("--n-workers", type=whole, default=1)
+    p.add_argument("--lr-low", type=float, default=1e-4)
+    p.add_argument("--lr-high", type=float, default=1e-2)
+    p.add_argument("--wd-low", type=float, default=1e-5)
+    p.add_argument("--wd-high", type=float, default=1e-3)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=whole, default=42)
+    p.set_defaults(func=_cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairnet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -233,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(sub)
     _add_stages(sub)
     _add_registry(sub)
+    _add_tune(sub)
     return parser
 
 

@@ -74,27 +74,45 @@ class TuneRequest:
         return f"sqlite:///{(d / 'optuna.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def check_storage_url(url: str) -> None:
+    """Connect once with SQLAlchemy, so a bad URL fails in one line before Optuna starts."""
+    import sqlalchemy
+
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=10,
-            grace_period=30,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
-            engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
-        )
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
     except Exception as err:  # SQLAlchemy raises many types for bad URLs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PairnetError(f"Optuna storage '{url}' is not usable: {first}") from None
 
 
-def make_study(req: TuneRequest, storage) -> optuna.Study:
-    # TPE with a fixed seed: reproducible proposals. MedianPruner stops a trial whose
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    check_storage_url(url)
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=10,
+        grace_period=30,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
+    )
+
+
+def make_study(req: TuneRequest, storage, worker: int = 0) -> optuna.Study:
+    # TPE seeded from the sampler seed, the worker index and the trials already in the
+    # study: reproducible, yet two workers (or a continued study) never replay the same
+    # random start-up proposals. MedianPruner stops a trial whose
     # val accuracy at an epoch falls below the median of earlier trials at that epoch;
     # n_warmup_steps=1 keeps every trial's first (noisy) epoch.
+    existing = 0
+    try:
+        existing = len(optuna.load_study(study_name=req.study_name, storage=storage).trials)
+    except KeyError:
+        pass  # a new study
     return optuna.create_study(
         study_name=req.study_name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=req.sampler_seed),
+        sampler=optuna.samplers.TPESampler(seed=req.sampler_seed + 1000 * worker + existing),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
 
@@ -154,11 +172,12 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, model_d
     return objective
 
 
-def _worker(req_dict: dict, parent_run_id: str, experiment_id: str, model_dir: str, n_trials: int) -> None:
+def _worker(req_dict: dict, parent_run_id: str, experiment_id: str, model_dir: str, n_trials: int,
+            worker: int = 0) -> None:
     """One worker process: its own storage connection, its share of the trials."""
     req = TuneRequest(**req_dict)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // req.n_workers))
-    study = make_study(req, open_storage(req.storage_url()))
+    study = make_study(req, open_storage(req.storage_url()), worker)
     study.optimize(_objective(req, parent_run_id, experiment_id, Path(model_dir)), n_trials=n_trials,
                    timeout=req.timeout or None, catch=())
 
@@ -184,8 +203,8 @@ def run_tune(req: TuneRequest) -> dict:
             _worker(asdict(req), parent, experiment_id, str(model_dir), req.n_trials)
         else:
             ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_worker, args=(asdict(req), parent, experiment_id, str(model_dir), n))
-                     for n in shares if n]
+            procs = [ctx.Process(target=_worker, args=(asdict(req), parent, experiment_id, str(model_dir), n, i))
+                     for i, n in enumerate(shares) if n]
             for p in procs:
                 p.start()
             for p in procs:

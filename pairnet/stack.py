@@ -1,0 +1,277 @@
+"""Stage 4: a LightGBM meta-learner over base models pulled from the registry.
+
+Leak-free by construction: base models were fit on train only; the meta-learner is
+judged by 5-fold stratified out-of-fold accuracy on val, then fit on all of val and
+judged once on test_public, which nothing was fit on. The ensemble is logged as one
+pyfunc model that bundles the exact base versions, and registered as ``pairnet-stack``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pairnet.data.generate import FILES
+from pairnet.data.pairs import PairSet, load_pairs
+from pairnet.errors import PairnetError
+from pairnet.tracking import registry
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-6
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    name: str
+    version: str
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-v{self.version}"
+
+
+# ---------------------------------------------------------------- base models
+def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[BaseModel]:
+    """Explicit ``models:/name@alias`` / ``models:/name/version`` URIs, or by default the
+    champion of every registered ``pairnet-*`` base model."""
+    client = client or MlflowClient()
+    out = []
+    if spec.strip():
+        for uri in (u.strip() for u in spec.split(",") if u.strip()):
+            m = _URI.match(uri)
+            if not m:
+                raise PairnetError(f"model URI '{uri}' must look like models:/name@alias or models:/name/version")
+            try:
+                mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
+                      else client.get_model_version(m["name"], m["version"]))
+            except MlflowException:
+                what = f"alias '{m['alias']}'" if m["alias"] else f"version {m['version']}"
+                raise PairnetError(f"registered model '{m['name']}' has no {what} ({uri})") from None
+            out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
+    else:
+        for rm in client.search_registered_models(filter_string=f"name LIKE '{registry.PREFIX}%'", max_results=1000):
+            if rm.name == registry.STACK_NAME:
+                continue
+            mv = registry.champion_version(rm.name, client)
+            if mv is None:
+                log.warning("skipping %s: it has no '%s' alias", rm.name, registry.CHAMPION)
+                continue
+            out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
+        if not out:
+            raise PairnetError("no registered pairnet-* model has a 'champion' alias; train stages 1-3 first")
+    if len(out) < 2:
+        raise PairnetError(f"stacking needs at least 2 base models, got {len(out)}")
+    return sorted(out, key=lambda b: b.key)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, EPS, 1 - EPS)
+    return np.log(p / (1 - p))
+
+
+def base_probabilities(base: BaseModel, splits: dict[str, PairSet], digest: str,
+                       client: MlflowClient | None = None) -> dict[str, np.ndarray]:
+    """Each base model predicts every split once; the result is cached as an artifact of
+    the base model's own run, keyed by its version and the data digest."""
+    client = client or MlflowClient()
+    artifact = f"stack_cache/{base.key}-{digest}.npz"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(base.run_id, artifact, tmp)
+            with np.load(path, allow_pickle=False) as npz:
+                cached = {k: npz[k] for k in npz.files}
+            if set(cached) == set(splits):
+                log.info("%s: cached predictions reused", base.key)
+                return cached
+        except (MlflowException, OSError):
+            pass
+        model = mlflow.pyfunc.load_model(base.uri)
+        probs = {name: np.asarray(model.predict(p.x), dtype=np.float32).reshape(-1) for name, p in splits.items()}
+        out = Path(tmp) / f"{base.key}-{digest}.npz"
+        np.savez(out, **probs)
+        client.log_artifact(base.run_id, str(out), artifact_path="stack_cache")
+    return probs
+
+
+def meta_features(probs: list[np.ndarray]) -> np.ndarray:
+    """Per base model: probability and logit."""
+    cols = []
+    for p in probs:
+        cols += [p, _logit(p)]
+    return np.stack(cols, axis=1).astype(np.float64)
+
+
+# ---------------------------------------------------------------- meta-learner
+def make_lgbm(seed: int):
+    from lightgbm import LGBMClassifier
+
+    # Small trees and strong regularisation: the meta-learner sees only val (10k pairs
+    # at full size, far fewer at quick), and its inputs are already good predictors.
+    return LGBMClassifier(n_estimators=200, learning_rate=0.05, num_leaves=7, min_child_samples=20,
+                          subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0,
+                          random_state=seed, verbose=-1, n_jobs=2)
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> tuple[np.ndarray, list[float]]:
+    from sklearn.model_selection import StratifiedKFold
+
+    oof = np.zeros(len(y))
+    folds = []
+    for train_idx, test_idx in StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, y):
+        model = make_lgbm(seed).fit(x[train_idx], y[train_idx])
+        oof[test_idx] = model.predict_proba(x[test_idx])[:, 1]
+        folds.append(float(((oof[test_idx] >= 0.5) == y[test_idx]).mean()))
+    return oof, folds
+
+
+# ---------------------------------------------------------------- the servable ensemble
+class StackedEnsemble(mlflow.pyfunc.PythonModel):
+    """uint8 pairs (N, 28, 56) → DataFrame with ``label`` and ``probability``."""
+
+    def load_context(self, context):
+        import lightgbm
+
+        info = json.loads(Path(context.artifacts["lineage"]).read_text())
+        self.keys = [b["key"] for b in info["base_models"]]
+        self.bases = [mlflow.pyfunc.load_model(context.artifacts[k]) for k in self.keys]
+        self.booster = lightgbm.Booster(model_file=context.artifacts["meta_model"])
+
+    def predict(self, context, model_input, params=None):
+        x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+        x = x.astype(np.uint8).reshape(-1, 28, 56)
+        probs = [np.asarray(b.predict(x), dtype=np.float32).reshape(-1) for b in self.bases]
+        p = self.booster.predict(meta_features(probs))
+        return pd.DataFrame({"label": (p >= 0.5).astype(np.int64), "probability": p.astype(np.float64)})
+
+
+# ---------------------------------------------------------------- the stage
+@dataclass
+class StackRequest:
+    models: str = ""
+    data_dir: str | None = None
+    preset: str = "full"
+    n_folds: int = 5
+    seed: int = 42
+
+
+def load_stack_splits(data_dir: str | Path | None, preset: str) -> tuple[dict[str, PairSet], PairSet]:
+    from pairnet.stages import load_splits
+
+    s = load_splits(data_dir, preset)
+    if s.public is None:
+        raise PairnetError(f"{s.data_dir}: stacking needs test_public.npz with test_public_labels.csv")
+    splits = {"val": s.val, "public": s.public}
+    private = s.data_dir / FILES["private"]
+    if private.exists():
+        splits["private"] = load_pairs(private)
+    return splits, s.val
+
+
+def run_stack(req: StackRequest) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    from pairnet import plots
+    from pairnet.stages import setup_tracking
+    from pairnet.tracking.lifecycle import managed_run, start_or_attach
+    from pairnet.tracking.model import SIGNATURE
+
+    if req.n_folds < 2:
+        raise PairnetError(f"n_folds must be >= 2 (got {req.n_folds})")
+    setup_tracking()
+    client = MlflowClient()
+    bases = resolve_base_models(req.models, client)
+    splits, val = load_stack_splits(req.data_dir, req.preset)
+    digest = "".join(p.digest()[:6] for p in splits.values())
+    parent = start_or_attach("stack/lightgbm", {"pairnet.stage": "stack", "pairnet.data_digest": digest})
+    with managed_run(parent):
+        mlflow.log_params({"stack.n_base_models": len(bases), "stack.n_folds": req.n_folds, "stack.seed": req.seed,
+                           "stack.base_models": ",".join(b.key for b in bases)[:6000],
+                           "stack.meta_features": "probability,logit"})
+        mlflow.set_tags({f"pairnet.base.{i}": f"{b.name}/{b.version}@{b.run_id}" for i, b in enumerate(bases)})
+        probs = {b.key: base_probabilities(b, splits, digest, client) for b in bases}
+        y_val, y_pub = val.y, splits["public"].y
+        x_val = meta_features([probs[b.key]["val"] for b in bases])
+        x_pub = meta_features([probs[b.key]["public"] for b in bases])
+
+        oof, folds = cross_validate(x_val, y_val, req.n_folds, req.seed)
+        cv_acc = float(((oof >= 0.5) == y_val).mean())
+        for i, acc in enumerate(folds, start=1):
+            mlflow.log_metric("cv_fold_acc", acc, step=i)
+        mlflow.log_metrics({"cv_oof_acc": cv_acc, "cv_fold_acc_std": float(np.std(folds))})
+
+        meta = make_lgbm(req.seed).fit(x_val, y_val)
+        table = []
+
+        def judge(method: str, p: np.ndarray) -> None:
+            table.append({"method": method, "test_public_acc": float(((p >= 0.5) == y_pub).mean())})
+
+        judge("lightgbm_stack", meta.predict_proba(x_pub)[:, 1])
+        val_accs = {b.key: float(((probs[b.key]["val"] >= 0.5) == y_val).mean()) for b in bases}
+        best = max(val_accs, key=val_accs.get)  # chosen on val, judged on test_public
+        judge(f"best_single ({best})", probs[best]["public"])
+        pub = np.stack([probs[b.key]["public"] for b in bases])
+        judge("mean_probability", pub.mean(axis=0))
+        judge("majority_vote", ((pub >= 0.5).mean(axis=0) > 0.5).astype(float))
+        lr = LogisticRegression(max_iter=1000).fit(x_val, y_val)
+        judge("logistic_regression_stack", lr.predict_proba(x_pub)[:, 1])
+        for row in table:
+            key = row["method"].split(" ")[0]
+            mlflow.log_metric(f"test_public_acc_{key}", row["test_public_acc"])
+        for key, acc in val_accs.items():
+            mlflow.log_metric(f"base_val_acc_{key}"[:250], acc)
+
+        lineage = {"base_models": [{"key": b.key, "name": b.name, "version": b.version, "run_id": b.run_id,
+                                    "val_acc": val_accs[b.key]} for b in bases],
+                   "meta_features": ["probability", "logit"], "cv_oof_acc": cv_acc, "cv_fold_acc": folds}
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            df = pd.DataFrame(table)
+            df.to_csv(tmp / "comparison.csv", index=False)
+            plots.bar_chart(df["method"].tolist(), df["test_public_acc"].tolist(), tmp / "comparison.png",
+                            ylabel="test_public accuracy", title="stacking vs baselines (test_public)")
+            (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2))
+            meta.booster_.save_model(str(tmp / "meta_model.txt"))
+            if "private" in splits:
+                x_prv = meta_features([probs[b.key]["private"] for b in bases])
+                p = meta.predict_proba(x_prv)[:, 1]
+                ids = splits["private"].ids_or_index()
+                pd.DataFrame({"id": ids, "label": (p >= 0.5).astype(int)}).to_csv(tmp / "submission_private.csv",
+                                                                                 index=False)
+            mlflow.log_artifacts(str(tmp))
+            artifacts = {"lineage": str(tmp / "lineage.json"), "meta_model": str(tmp / "meta_model.txt")}
+            for b in bases:
+                artifacts[b.key] = mlflow.artifacts.download_artifacts(artifact_uri=b.uri, dst_path=str(tmp / b.key))
+            output = mlflow.models.ModelSignature(
+                inputs=SIGNATURE.inputs,
+                outputs=mlflow.types.Schema([mlflow.types.ColSpec("long", "label"),
+                                             mlflow.types.ColSpec("double", "probability")]),
+            )
+            info = mlflow.pyfunc.log_model(name="model", python_model=StackedEnsemble(), artifacts=artifacts,
+                                           signature=output, registered_model_name=registry.STACK_NAME,
+                                           pip_requirements=["lightgbm", "pandas", "numpy", "torch", "pairnet"])
+        version = str(info.registered_model_version)
+        registry.tag_version(registry.STACK_NAME, version, {
+            "val_acc": f"{cv_acc:.6f}", "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
+            "base_models": ",".join(b.key for b in bases)[:5000], "run_id": parent,
+        })
+        decision = registry.champion_gate(registry.STACK_NAME, version, cv_acc)
+        mlflow.set_tag("pairnet.champion_decision", "promoted" if decision.promoted else "kept")
+    return {"run_id": parent, "version": version, "cv_oof_acc": cv_acc, "folds": folds, "table": table,
+            "promoted": decision.promoted, "bases": [b.key for b in bases]}

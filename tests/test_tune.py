@@ -1,0 +1,85 @@
+"""Optuna studies as nested MLflow runs, with real RDB storage and a real tracking server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import mlflow_run, user_env
+
+pytestmark = pytest.mark.integration
+
+
+def _children(client, experiment, parent_id):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+def test_tune_nested_trials_resumable_study(mlflow_server, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = user_env(mlflow_server, "it-tune")
+    common = {"preset": "tiny", "data_dir": tiny_data, "storage": storage, "study_name": "s1",
+              "model_name": "compare_cnn", "epochs": 3}
+    proc = mlflow_run("tune", {**common, "n_trials": 4}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("it-tune")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = _children(client, "it-tune", parent.info.run_id)
+    assert len(children) == 4
+    for child in children:
+        assert {"lr", "weight_decay", "trial_number"} <= set(child.data.params)
+        assert 1e-4 <= float(child.data.params["lr"]) <= 1e-2
+        assert child.info.status in ("FINISHED", "KILLED")
+        if child.info.status == "KILLED":
+            assert child.data.tags["pruned"] == "true"
+    assert {"best_lr", "best_weight_decay"} <= set(parent.data.params) and "best_value" in parent.data.metrics
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/optimization_history.html", "optuna/parallel_coordinate.html",
+            "optuna/contour_lr_weight_decay.html"} <= plots
+
+    # The same study again: 2 more trials, 6 in storage, nothing lost.
+    proc = mlflow_run("tune", {**common, "n_trials": 2}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="s1", storage=storage)
+    assert len(study.trials) == 6 and sorted(t.number for t in study.trials) == list(range(6))
+    assert len({(t.params["lr"], t.params["weight_decay"]) for t in study.trials}) == 6
+
+
+def test_two_workers_share_one_study(mlflow_server, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = user_env(mlflow_server, "it-tune-workers")
+    cmd = [sys.executable, "-m", "pairnet.cli", "tune", "--preset", "tiny", "--data-dir", str(tiny_data),
+           "--storage", storage, "--study-name", "w", "--model-name", "compare_cnn", "--epochs", "2",
+           "--n-trials", "4", "--n-workers", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="w", storage=storage)
+    assert len(study.trials) == 4
+    params = {(t.params["lr"], t.params["weight_decay"]) for t in study.trials}
+    assert len(params) == 4 and sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    run_ids = {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    assert len(run_ids) == 4
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--storage", "notadb://nowhere"], "Optuna storage 'notadb://nowhere' is not usable"),
+    (["--lr-low", "0.1", "--lr-high", "0.001"], "lr bounds [0.1, 0.001]"),
+])
+def test_bad_tune_inputs(mlflow_server, tiny_data, extra, text):
+    env = user_env(mlflow_server, "it-tune-bad")
+    cmd = [sys.executable, "-m", "pairnet.cli", "tune", "--preset", "tiny", "--data-dir", str(tiny_data),
+           "--n-trials", "1", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and text in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    exp = MlflowClient().get_experiment_by_name("it-tune-bad")
+    if exp is not None:
+        assert not MlflowClient().search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'")
