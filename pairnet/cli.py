@@ -262,6 +262,66 @@ def _add_tune(sub) -> None:
     p.set_defaults(func=_cmd_tune)
 
 
+# ---------------------------------------------------------------- stack and predict
+def _cmd_stack(args) -> int:
+    from pairnet.stack import StackRequest, run_stack
+
+    out = run_stack(StackRequest(models=args.models, data_dir=args.data_dir, preset=args.preset,
+                                 n_folds=args.n_folds, seed=args.seed))
+    print(f"stacked {len(out['bases'])} base models: CV out-of-fold acc {out['cv_oof_acc']:.4f} "
+          f"(folds {', '.join(f'{f:.3f}' for f in out['folds'])})")
+    for row in out["table"]:
+        print(f"  {row['method']:40s} test_public acc {row['test_public_acc']:.4f}")
+    print(f"pairnet-stack v{out['version']} ({'champion' if out['promoted'] else 'kept previous champion'}); "
+          f"run {out['run_id']}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from pairnet.predict import predict_file
+    from pairnet.tracking.server import tracking_uri
+
+    if args.model.startswith(("models:/", "runs:/")):
+        tracking_uri()
+    n = predict_file(args.model, args.data, args.out)
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def _cmd_check_submission(args) -> int:
+    from pairnet.predict import check_submission
+
+    problems = check_submission(args.data, args.pred)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return 2
+    print(f"{args.pred}: OK")
+    return 0
+
+
+def _add_stack(sub) -> None:
+    p = sub.add_parser("stack", help="LightGBM stacking over registered base models (stage 4)")
+    p.add_argument("--models", default="", help="comma-separated models:/name@alias or models:/name/version "
+                                                "(default: the champion of every pairnet-* base model)")
+    p.add_argument("--data-dir")
+    p.add_argument("--preset", default="full", help="sizes the default data if it must be made")
+    p.add_argument("--n-folds", type=whole, default=5)
+    p.add_argument("--seed", type=whole, default=42)
+    p.set_defaults(func=_cmd_stack)
+
+    p = sub.add_parser("predict", help="write id,label predictions for a pair file")
+    p.add_argument("--model", default="models:/pairnet-stack@champion")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default="pred.csv")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("check-submission", help="check a predictions CSV against a pair file")
+    p.add_argument("--data", required=True)
+    p.add_argument("--pred", required=True)
+    p.set_defaults(func=_cmd_check_submission)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairnet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -271,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stages(sub)
     _add_registry(sub)
     _add_tune(sub)
+    _add_stack(sub)
     return parser
 
 

@@ -141,26 +141,6 @@ def cross_validate(x: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> tup
     return oof, folds
 
 
-# ---------------------------------------------------------------- the servable ensemble
-class StackedEnsemble(mlflow.pyfunc.PythonModel):
-    """uint8 pairs (N, 28, 56) → DataFrame with ``label`` and ``probability``."""
-
-    def load_context(self, context):
-        import lightgbm
-
-        info = json.loads(Path(context.artifacts["lineage"]).read_text())
-        self.keys = [b["key"] for b in info["base_models"]]
-        self.bases = [mlflow.pyfunc.load_model(context.artifacts[k]) for k in self.keys]
-        self.booster = lightgbm.Booster(model_file=context.artifacts["meta_model"])
-
-    def predict(self, context, model_input, params=None):
-        x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
-        x = x.astype(np.uint8).reshape(-1, 28, 56)
-        probs = [np.asarray(b.predict(x), dtype=np.float32).reshape(-1) for b in self.bases]
-        p = self.booster.predict(meta_features(probs))
-        return pd.DataFrame({"label": (p >= 0.5).astype(np.int64), "probability": p.astype(np.float64)})
-
-
 # ---------------------------------------------------------------- the stage
 @dataclass
 class StackRequest:
@@ -191,13 +171,15 @@ def run_stack(req: StackRequest) -> dict:
     from pairnet.stages import setup_tracking
     from pairnet.tracking.lifecycle import managed_run, start_or_attach
     from pairnet.tracking.model import SIGNATURE
+    from pairnet.tracking.server import tracking_uri
 
     if req.n_folds < 2:
         raise PairnetError(f"n_folds must be >= 2 (got {req.n_folds})")
-    setup_tracking()
+    mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
-    bases = resolve_base_models(req.models, client)
+    bases = resolve_base_models(req.models, client)  # bad names fail before any run exists
     splits, val = load_stack_splits(req.data_dir, req.preset)
+    setup_tracking()
     digest = "".join(p.digest()[:6] for p in splits.values())
     parent = start_or_attach("stack/lightgbm", {"pairnet.stage": "stack", "pairnet.data_digest": digest})
     with managed_run(parent):
@@ -263,6 +245,8 @@ def run_stack(req: StackRequest) -> dict:
                 outputs=mlflow.types.Schema([mlflow.types.ColSpec("long", "label"),
                                              mlflow.types.ColSpec("double", "probability")]),
             )
+            from pairnet.tracking.ensemble import StackedEnsemble
+
             info = mlflow.pyfunc.log_model(name="model", python_model=StackedEnsemble(), artifacts=artifacts,
                                            signature=output, registered_model_name=registry.STACK_NAME,
                                            pip_requirements=["lightgbm", "pandas", "numpy", "torch", "pairnet"])

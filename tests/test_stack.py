@@ -1,0 +1,126 @@
+"""Stage 4 against a real server: registry-pulled base models, LightGBM, baselines, serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, _free_port, mlflow_run, user_env
+from pairnet.cli import main
+from pairnet.data.pairs import load_pairs
+
+pytestmark = pytest.mark.integration
+BASES = ["compare_cnn", "resnet_optimized", "resnet_fusion"]
+
+
+@pytest.fixture(scope="module")
+def stacked(mlflow_server, tiny_data):
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = "it-stack"
+    try:
+        for variant in BASES:
+            assert main(["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", variant]) == 0
+    finally:
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME")
+    uris = ",".join(f"models:/pairnet-{v}@champion" for v in BASES)
+    env = user_env(mlflow_server, "it-stack")
+    proc = mlflow_run("stack", {"models": uris, "data_dir": tiny_data, "n_folds": 5}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return uris
+
+
+def test_stack_run_metrics_baselines_lineage(stacked):
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("it-stack")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`pairnet.stage` = 'stack'")
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert 0 <= m["cv_oof_acc"] <= 1 and len(client.get_metric_history(run.info.run_id, "cv_fold_acc")) == 5
+    for key in ("lightgbm_stack", "best_single", "mean_probability", "majority_vote", "logistic_regression_stack"):
+        assert 0 <= m[f"test_public_acc_{key}"] <= 1
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"comparison.csv", "comparison.png", "lineage.json", "meta_model.txt", "submission_private.csv"} <= arts
+    lineage = json.loads(open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
+    assert sorted(b["name"] for b in lineage["base_models"]) == sorted(f"pairnet-{v}" for v in BASES)
+    for b in lineage["base_models"]:
+        assert client.get_model_version(b["name"], b["version"]).run_id == b["run_id"]
+        # Each base model's predictions are cached on its own run, keyed by version.
+        cached = [a.path for a in client.list_artifacts(b["run_id"], "stack_cache")]
+        assert any(p.startswith(f"stack_cache/{b['key']}-") for p in cached)
+    mv = client.get_model_version_by_alias("pairnet-stack", "champion")
+    assert mv.run_id == run.info.run_id
+
+
+def test_stack_pyfunc_predict_and_check_submission(stacked, tiny_data, tmp_path, capsys):
+    private = load_pairs(tiny_data / "test_private.npz")
+    model = mlflow.pyfunc.load_model("models:/pairnet-stack@champion")
+    out = model.predict(private.x[:5])
+    assert list(out.columns) == ["label", "probability"] and len(out) == 5
+    assert set(out["label"]) <= {0, 1} and out["probability"].between(0, 1).all()
+
+    pred = tmp_path / "pred.csv"
+    assert main(["predict", "--data", str(tiny_data / "test_private.npz"), "--out", str(pred)]) == 0
+    df = pd.read_csv(pred)
+    assert list(df.columns) == ["id", "label"] and len(df) == len(private)
+    assert main(["check-submission", "--data", str(tiny_data / "test_private.npz"), "--pred", str(pred)]) == 0
+
+    bad = {
+        "missing": df.iloc[1:],
+        "duplicate": pd.concat([df, df.iloc[:1]]),
+        "label2": df.assign(label=[2] + df["label"].tolist()[1:]),
+    }
+    expected = {"missing": "have no prediction", "duplicate": "duplicate id", "label2": "label '2' is not 0 or 1"}
+    for name, frame in bad.items():
+        path = tmp_path / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        capsys.readouterr()
+        assert main(["check-submission", "--data", str(tiny_data / "test_private.npz"), "--pred", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert expected[name] in err, (name, err)
+
+
+def test_missing_model_or_alias_is_one_line(stacked, mlflow_server, tiny_data):
+    env = user_env(mlflow_server, "it-stack-bad")
+    py = [sys.executable, "-m", "pairnet.cli", "stack", "--data-dir", str(tiny_data)]
+    for models, text in ((stacked + ",models:/pairnet-nope@champion", "registered model 'pairnet-nope' has no alias"),
+                         ("models:/pairnet-compare_cnn@gold,models:/pairnet-resnet_fusion/1", "has no alias 'gold'")):
+        proc = subprocess.run(py + ["--models", models], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and text in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_mlflow_models_serve_answers(stacked, mlflow_server, tiny_data):
+    port = _free_port()
+    env = user_env(mlflow_server, "it-stack")
+    proc = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/pairnet-stack@champion", "-p", str(port),
+                             "-h", "127.0.0.1", "--env-manager", "local"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("model server did not answer /ping")
+        x = load_pairs(tiny_data / "test_private.npz").x[:2]
+        body = json.dumps({"inputs": x.tolist()}).encode()
+        req = urllib.request.Request(url + "/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        rows = answer["predictions"]
+        assert len(rows) == 2 and {"label", "probability"} <= set(rows[0])
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
