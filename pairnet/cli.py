@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 from pathlib import Path
@@ -322,6 +323,31 @@ def _add_stack(sub) -> None:
     p.set_defaults(func=_cmd_check_submission)
 
 
+# ---------------------------------------------------------------- pipeline
+def _cmd_pipeline(args) -> int:
+    from pairnet.pipeline import PipelineRequest, run_pipeline
+
+    out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device))
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"\n{'model':34s} {'ver':>4s} {'stage':7s} {'val acc':>8s} {'test_public acc':>16s}")
+    for r in out["table"]:
+        print(f"{r['model']:34s} {r['version']:>4s} {r['stage']:7s} {fmt(r['val_acc']):>8s} {fmt(r['test_public_acc']):>16s}")
+    print("(stack val acc: 5-fold out-of-fold accuracy on val)")
+    if out["reused"]:
+        print(f"reused {len(out['reused'])} finished steps: {', '.join(out['reused'])}")
+    print(f"predictions: {out['predictions']}")
+    print(f"MLflow UI: {out['ui']}  (pipeline run {out['run_id']})")
+    return 0
+
+
+def _add_pipeline(sub) -> None:
+    p = sub.add_parser("pipeline", help="the whole recipe: data, stages 1-3, stack, predict")
+    p.add_argument("--preset", default="quick", help="tiny | quick (CPU, ~10 min) | full (GPU)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_pipeline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairnet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -332,10 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry(sub)
     _add_tune(sub)
     _add_stack(sub)
+    _add_pipeline(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow draws a progress bar per artifact download; the stages draw their own.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -149,6 +149,7 @@ class StackRequest:
     preset: str = "full"
     n_folds: int = 5
     seed: int = 42
+    parent_run_id: str | None = None  # set by the pipeline: the stack run becomes its child
 
 
 def load_stack_splits(data_dir: str | Path | None, preset: str) -> tuple[dict[str, PairSet], PairSet]:
@@ -181,13 +182,17 @@ def run_stack(req: StackRequest) -> dict:
     splits, val = load_stack_splits(req.data_dir, req.preset)
     setup_tracking()
     digest = "".join(p.digest()[:6] for p in splits.values())
-    parent = start_or_attach("stack/lightgbm", {"pairnet.stage": "stack", "pairnet.data_digest": digest})
+    parent = start_or_attach("stack/lightgbm", {"pairnet.stage": "stack", "pairnet.data_digest": digest},
+                             parent_run_id=req.parent_run_id)
     with managed_run(parent):
         mlflow.log_params({"stack.n_base_models": len(bases), "stack.n_folds": req.n_folds, "stack.seed": req.seed,
                            "stack.base_models": ",".join(b.key for b in bases)[:6000],
                            "stack.meta_features": "probability,logit"})
         mlflow.set_tags({f"pairnet.base.{i}": f"{b.name}/{b.version}@{b.run_id}" for i, b in enumerate(bases)})
-        probs = {b.key: base_probabilities(b, splits, digest, client) for b in bases}
+        from tqdm.auto import tqdm
+
+        probs = {b.key: base_probabilities(b, splits, digest, client)
+                 for b in tqdm(bases, desc="base-model inference", unit="model", disable=None)}
         y_val, y_pub = val.y, splits["public"].y
         x_val = meta_features([probs[b.key]["val"] for b in bases])
         x_pub = meta_features([probs[b.key]["public"] for b in bases])

@@ -149,7 +149,10 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         if resume_state:  # the killed run's curves continue in this run
             for row in resume_state["history"]:
                 callback.on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
-        result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback],
+        from pairnet.progress import EpochBar
+
+        bar = EpochBar(cfg.epochs, run_name, start=len(resume_state["history"]) if resume_state else 0)
+        result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback, bar],
                      checkpoint_path=ckpt, resume=resume_state)
         summary = _log_outcome(model, result, cfg, splits, dev, stage, registered, run_id)
         log_last_checkpoint()

@@ -1,0 +1,196 @@
+"""The whole recipe as one MLflow run: data → stage1 → stage2 variants → stage3 →
+stack → predict, each step a child run of one pipeline run.
+
+A step whose earlier run FINISHED with the same parameters, code version and data
+digest is reused instead of rerun (the user is told which): its key is a hash of all
+three, stored on the run as the tag ``pairnet.step_key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pairnet.data.generate import GENERATOR_VERSION, GenConfig, has_pair_files, make_dataset
+from pairnet.paths import PACKAGE_DIR
+from pairnet.paths import data_dir as default_data_dir
+from pairnet.presets import build_config, check_preset
+from pairnet.tracking import registry
+from pairnet.tracking.lifecycle import managed_run, start_or_attach
+
+log = logging.getLogger(__name__)
+
+# (stage, variant, seed): the base models each preset trains.
+PLANS = {
+    "tiny": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized", 42), ("stage3", "fpn_model", 42)],
+    "quick": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized_1.12", 42),
+              ("stage2", "resnet_optimized", 42), ("stage2", "resnet_fusion", 42), ("stage3", "fpn_model", 42),
+              ("stage3", "resnet_optimized_1.12", 2023)],
+    "full": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized_1.12", 42),
+             ("stage2", "resnet_optimized", 42), ("stage2", "resnet_fusion", 42)]
+            + [("stage3", v, s) for v, s in [("resnet_optimized_1.12", 2023), ("resnet_optimized_1.12", 2024),
+                                             ("resnet_optimized_1.12", 2025), ("fpn_model", 42),
+                                             ("improved_v2", 123), ("improved_v2", 456)]],
+}
+
+
+@dataclass
+class PipelineRequest:
+    preset: str = "quick"
+    data_dir: str | None = None
+    device: str = "auto"
+    seed: int = 42  # dataset seed
+
+
+def code_version() -> str:
+    """Hash of the package's source: a step reruns when the code that made it changed."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def step_key(step: str, params: dict, code: str, data_digest: str) -> str:
+    blob = json.dumps({"step": step, "params": params, "code": code, "data": data_digest}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def find_finished(key: str, client: MlflowClient) -> mlflow.entities.Run | None:
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, filter_string=f"tags.`pairnet.step_key` = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _summary_from_run(run) -> dict:
+    t, m = run.data.tags, run.data.metrics
+    return {"run_id": run.info.run_id, "name": t["pairnet.registered_name"], "version": t["pairnet.model_version"],
+            "val_acc": m.get("final_val_acc"), "test_public_acc": m.get("test_public_acc"),
+            "stage": t["pairnet.stage"], "model": t["pairnet.model"], "seed": int(t["pairnet.seed"]), "reused": True}
+
+
+def run_pipeline(req: PipelineRequest) -> dict:
+    from pairnet.stack import StackRequest, run_stack
+    from pairnet.stages import load_splits, setup_tracking, train_tracked
+
+    preset = check_preset(req.preset)
+    d = Path(req.data_dir) if req.data_dir else default_data_dir()
+    uri = setup_tracking()
+    client = MlflowClient()
+    code = code_version()
+    parent = start_or_attach(f"pipeline/{req.preset}", {"pairnet.stage": "pipeline", "pairnet.preset": req.preset,
+                                                       "pairnet.code_version": code})
+    reused, rows = [], []
+    with managed_run(parent):
+        mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code})
+        # data
+        gen = GenConfig(size=preset["data_size"], seed=req.seed)
+        meta_ok = has_pair_files(d) and _meta_matches(d, gen)
+        if meta_ok:
+            log.info("step data: reused the %s dataset in %s", gen.size, d)
+            reused.append("data")
+        else:
+            _run_data_step(d, gen, parent)
+        splits = load_splits(d, req.preset)
+        digest = splits.digest()
+
+        # base models
+        for stage, variant, seed in PLANS[req.preset]:
+            cfg = build_config(stage, req.preset, {"model_name": variant, "seed": seed})
+            name = registry.registered_name(variant, seed if stage == "stage3" else None)
+            key = step_key(f"{stage}/{variant}/{seed}", {**cfg.to_dict(), "registered": name}, code, digest)
+            done = find_finished(key, client)
+            if done is not None:
+                log.info("step %s/%s/seed%d: reused run %s (same params, code and data)", stage, variant, seed,
+                         done.info.run_id)
+                reused.append(f"{stage}/{variant}/seed{seed}")
+                rows.append(_summary_from_run(done))
+                continue
+            res = train_tracked(cfg, stage=stage, splits=splits, registered=name,
+                                run_name=f"{stage}/{variant}/seed{seed}", device=req.device, preset=req.preset,
+                                parent_run_id=parent)
+            client.set_tag(res["run_id"], "pairnet.step_key", key)
+            rows.append({**res, "reused": False})
+
+        # stack over exactly the versions above
+        uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in rows)
+        key = step_key("stack", {"models": uris, "n_folds": 5}, code, digest)
+        done = find_finished(key, client)
+        if done is not None:
+            log.info("step stack: reused run %s", done.info.run_id)
+            reused.append("stack")
+            stack = {"run_id": done.info.run_id, "version": done.data.tags.get("pairnet.model_version", "?"),
+                     "cv_oof_acc": done.data.metrics["cv_oof_acc"],
+                     "test_public_acc": done.data.metrics["test_public_acc_lightgbm_stack"]}
+        else:
+            out = run_stack(StackRequest(models=uris, data_dir=str(d), preset=req.preset, parent_run_id=parent))
+            client.set_tag(out["run_id"], "pairnet.step_key", key)
+            client.set_tag(out["run_id"], "pairnet.model_version", out["version"])
+            stack = {"run_id": out["run_id"], "version": out["version"], "cv_oof_acc": out["cv_oof_acc"],
+                     "test_public_acc": out["table"][0]["test_public_acc"]}
+
+        # predict test_private with this stack version
+        pred_path = d / "predictions_private.csv"
+        key = step_key("predict", {"model": f"models:/{registry.STACK_NAME}/{stack['version']}"}, code, digest)
+        done = find_finished(key, client)
+        if done is not None and pred_path.exists():
+            log.info("step predict: reused run %s (%s)", done.info.run_id, pred_path)
+            reused.append("predict")
+        else:
+            _run_predict_step(f"models:/{registry.STACK_NAME}/{stack['version']}", d, pred_path, parent, key)
+
+        table = [{"model": r["name"], "version": r["version"], "stage": r["stage"], "val_acc": r["val_acc"],
+                  "test_public_acc": r["test_public_acc"]} for r in rows]
+        table.append({"model": registry.STACK_NAME, "version": stack["version"], "stage": "stack",
+                      "val_acc": stack["cv_oof_acc"], "test_public_acc": stack["test_public_acc"]})
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "ladder.json").write_text(json.dumps(table, indent=2))
+            mlflow.log_artifacts(tmp)
+        mlflow.log_metrics({"steps_reused": float(len(reused)), "stack_test_public_acc": stack["test_public_acc"]})
+        mlflow.set_tag("pairnet.reused_steps", ",".join(reused)[:5000])
+    return {"run_id": parent, "table": table, "reused": reused, "ui": uri, "predictions": str(pred_path)}
+
+
+def _meta_matches(d: Path, gen: GenConfig) -> bool:
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("size") == gen.size and meta.get("seed") == gen.seed
+            and meta.get("generator_version") == GENERATOR_VERSION and meta.get("severity", {}).get("train") == gen.severity)
+
+
+def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:
+    from tqdm.auto import tqdm
+
+    if has_pair_files(d):
+        log.warning("step data: %s holds pair files that are not the %s default set; they are kept and used", d, gen.size)
+        return
+    run_id = start_or_attach("pipeline/data", {"pairnet.stage": "data"}, parent_run_id=parent)
+    with managed_run(run_id):
+        with tqdm(total=4, desc="making data", unit="split", disable=None, leave=False) as bar:
+            meta = make_dataset(d, gen, progress=lambda split: bar.update(1))
+        mlflow.log_params({"data.size": gen.size, "data.seed": gen.seed, "data.severity": gen.severity})
+        mlflow.log_dict(meta, "meta.json")
+
+
+def _run_predict_step(model_uri: str, d: Path, out: Path, parent: str, key: str) -> None:
+    from pairnet.data.generate import FILES
+    from pairnet.predict import check_submission, predict_file
+
+    run_id = start_or_attach("pipeline/predict", {"pairnet.stage": "predict", "pairnet.step_key": key},
+                             parent_run_id=parent)
+    with managed_run(run_id):
+        n = predict_file(model_uri, d / FILES["private"], out)
+        problems = check_submission(d / FILES["private"], out)
+        mlflow.log_params({"predict.model": model_uri, "predict.rows": n})
+        mlflow.log_metric("submission_problems", float(len(problems)))
+        mlflow.log_artifact(str(out))
