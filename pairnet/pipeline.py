@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 PLANS = {
     "tiny": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized", 42), ("stage3", "fpn_model", 42)],
     "quick": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized_1.12", 42),
-              ("stage2", "resnet_optimized", 42), ("stage2", "resnet_fusion", 42), ("stage3", "fpn_model", 42),
-              ("stage3", "resnet_optimized_1.12", 2023)],
+              ("stage2", "resnet_optimized", 42), ("stage2", "resnet_fusion", 42), ("stage3", "fpn_model", 42)],
     "full": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized_1.12", 42),
              ("stage2", "resnet_optimized", 42), ("stage2", "resnet_fusion", 42)]
             + [("stage3", v, s) for v, s in [("resnet_optimized_1.12", 2023), ("resnet_optimized_1.12", 2024),

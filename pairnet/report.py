@@ -1,0 +1,68 @@
+"""Read tracked runs back as tables: what the notebook and the pipeline summary show."""
+
+from __future__ import annotations
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from pairnet.tracking.registry import list_registered
+
+STAGE_ORDER = {"stage1": 1, "stage2": 2, "stage3": 3, "tune": 3.5, "stack": 4}
+
+
+def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
+    if experiment is None:
+        return [e.experiment_id for e in client.search_experiments()]
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no experiment named '{experiment}' on {client.tracking_uri}")
+    return [exp.experiment_id]
+
+
+def ladder(experiment: str | None = None, client: MlflowClient | None = None) -> pd.DataFrame:
+    """The stage ladder: one row per finished training or stacking run."""
+    client = client or MlflowClient()
+    runs = client.search_runs(_experiment_ids(client, experiment), filter_string="attributes.status = 'FINISHED'",
+                              max_results=2000)
+    rows = []
+    for r in runs:
+        stage = r.data.tags.get("pairnet.stage")
+        m = r.data.metrics
+        if stage in ("stage1", "stage2", "stage3"):
+            rows.append({"stage": stage, "model": r.data.tags.get("pairnet.registered_name"),
+                         "val_acc": m.get("final_val_acc"), "test_public_acc": m.get("test_public_acc"),
+                         "run_id": r.info.run_id, "start": r.info.start_time})
+        elif stage == "stack":
+            rows.append({"stage": stage, "model": "pairnet-stack", "val_acc": m.get("cv_oof_acc"),
+                         "test_public_acc": m.get("test_public_acc_lightgbm_stack"), "run_id": r.info.run_id,
+                         "start": r.info.start_time})
+    df = pd.DataFrame(rows, columns=["stage", "model", "val_acc", "test_public_acc", "run_id", "start"])
+    if df.empty:
+        return df
+    df["order"] = df["stage"].map(STAGE_ORDER)
+    return df.sort_values(["order", "model", "start"]).drop(columns=["order"]).reset_index(drop=True)
+
+
+def learning_curve(run_id: str, client: MlflowClient | None = None,
+                   keys: tuple[str, ...] = ("train_loss", "val_loss", "train_acc", "val_acc")) -> pd.DataFrame:
+    client = client or MlflowClient()
+    cols = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
+    return pd.DataFrame(cols).sort_index().rename_axis("epoch")
+
+
+def stack_comparison(experiment: str | None = None, client: MlflowClient | None = None) -> pd.DataFrame:
+    """The newest stack run's comparison table (method, test_public accuracy)."""
+    import tempfile
+
+    client = client or MlflowClient()
+    runs = client.search_runs(_experiment_ids(client, experiment),
+                              filter_string="tags.`pairnet.stage` = 'stack' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return pd.DataFrame(columns=["method", "test_public_acc"])
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_csv(client.download_artifacts(runs[0].info.run_id, "comparison.csv", tmp))
+
+
+def registry_state(client: MlflowClient | None = None) -> pd.DataFrame:
+    return pd.DataFrame(list_registered(client=client or MlflowClient()))

@@ -1,0 +1,99 @@
+"""The user's first hour: the pipeline entry point, step reuse, the notebook, the UI in a browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, mlflow_run, user_env
+
+pytestmark = pytest.mark.integration
+EXPERIMENT = "it-journey"
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(mlflow_server, tmp_path_factory):
+    data = tmp_path_factory.mktemp("journey_data")  # empty: the pipeline makes the data itself
+    env = user_env(mlflow_server, EXPERIMENT)
+    first = mlflow_run("pipeline", {"preset": "tiny", "data_dir": data}, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = mlflow_run("pipeline", {"preset": "tiny", "data_dir": data}, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return first, second, data
+
+
+def test_pipeline_children_and_reuse(pipeline_runs):
+    first, second, data = pipeline_runs
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    pipelines = client.search_runs([exp.experiment_id], filter_string="tags.`pairnet.stage` = 'pipeline'",
+                                   order_by=["attributes.start_time ASC"])
+    assert len(pipelines) == 2 and all(p.info.status == "FINISHED" for p in pipelines)
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{pipelines[0].info.run_id}'")
+    stages = sorted(c.data.tags["pairnet.stage"] for c in children)
+    assert stages == ["data", "predict", "stack", "stage1", "stage2", "stage3"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    # The second run reused every step and says so.
+    assert "reused 6 finished steps" in second.stdout
+    assert not client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{pipelines[1].info.run_id}'")
+    assert "MLflow UI: http://127.0.0.1" in first.stdout and "pairnet-stack" in first.stdout
+    assert (Path(data) / "predictions_private.csv").exists()
+
+
+def test_notebook_runs_against_tracked_pipeline(pipeline_runs, mlflow_server):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "tracked_runs.ipynb", as_version=4)
+    os.environ["PAIRNET_EXPERIMENT"] = EXPERIMENT
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        os.environ.pop("PAIRNET_EXPERIMENT")
+    outputs = "".join(str(o.get("data", {}).get("text/plain", "")) + str(o.get("text", ""))
+                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "pairnet-stack" in outputs and "lightgbm_stack" in outputs and "champion" in outputs
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}")
+        WebDriverWait(driver, 90).until(lambda d: "pipeline/tiny" in d.find_element("tag name", "body").text)
+        body = driver.find_element("tag name", "body").text
+        assert "stage1/improved_v2/seed42" in body or "pipeline/tiny" in body
+        shots = ROOT / "data" / "screenshots"  # git-ignored; kept for a person to look at
+        shots.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shots / "ui_experiment.png"))
+        driver.get(f"{mlflow_server}/#/models")
+        WebDriverWait(driver, 90).until(lambda d: "pairnet-stack" in d.find_element("tag name", "body").text)
+        body = driver.find_element("tag name", "body").text
+        assert "pairnet-improved_v2" in body and "pairnet-stack" in body
+        shot = shots / "ui_models.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+    finally:
+        driver.quit()
