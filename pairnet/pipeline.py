@@ -132,7 +132,6 @@ def run_pipeline(req: PipelineRequest) -> dict:
         else:
             out = run_stack(StackRequest(models=uris, data_dir=str(d), preset=req.preset, parent_run_id=parent))
             client.set_tag(out["run_id"], "pairnet.step_key", key)
-            client.set_tag(out["run_id"], "pairnet.model_version", out["version"])
             stack = {"run_id": out["run_id"], "version": out["version"], "cv_oof_acc": out["cv_oof_acc"],
                      "test_public_acc": out["table"][0]["test_public_acc"]}
 

@@ -261,6 +261,7 @@ def run_stack(req: StackRequest) -> dict:
             "base_models": ",".join(b.key for b in bases)[:5000], "run_id": parent,
         })
         decision = registry.champion_gate(registry.STACK_NAME, version, cv_acc)
-        mlflow.set_tag("pairnet.champion_decision", "promoted" if decision.promoted else "kept")
+        mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
+                         "pairnet.model_version": version})
     return {"run_id": parent, "version": version, "cv_oof_acc": cv_acc, "folds": folds, "table": table,
             "promoted": decision.promoted, "bases": [b.key for b in bases]}

@@ -56,13 +56,18 @@ def test_stack_run_metrics_baselines_lineage(stacked):
         # Each base model's predictions are cached on its own run, keyed by version.
         cached = [a.path for a in client.list_artifacts(b["run_id"], "stack_cache")]
         assert any(p.startswith(f"stack_cache/{b['key']}-") for p in cached)
-    mv = client.get_model_version_by_alias("pairnet-stack", "champion")
-    assert mv.run_id == run.info.run_id
+    mv = client.get_model_version("pairnet-stack", run.data.tags["pairnet.model_version"])
+    assert mv.run_id == run.info.run_id and float(mv.tags["val_acc"]) == pytest.approx(m["cv_oof_acc"], abs=1e-6)
+    champion = client.get_model_version_by_alias("pairnet-stack", "champion")
+    assert float(champion.tags["val_acc"]) >= float(mv.tags["val_acc"])  # the gate keeps the best
 
 
 def test_stack_pyfunc_predict_and_check_submission(stacked, tiny_data, tmp_path, capsys):
     private = load_pairs(tiny_data / "test_private.npz")
-    model = mlflow.pyfunc.load_model("models:/pairnet-stack@champion")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("it-stack")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`pairnet.stage` = 'stack'")
+    model = mlflow.pyfunc.load_model(f"models:/pairnet-stack/{run.data.tags['pairnet.model_version']}")
     out = model.predict(private.x[:5])
     assert list(out.columns) == ["label", "probability"] and len(out) == 5
     assert set(out["label"]) <= {0, 1} and out["probability"].between(0, 1).all()
