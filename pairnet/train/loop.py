@@ -193,7 +193,10 @@ def fit(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel updates every parameter tensor in one pass instead of a Python
+    # loop over ~100 small tensors (BatchNorm, SE, biases).
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
     sched, sched_kind = _make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
 
