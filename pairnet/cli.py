@@ -6,7 +6,6 @@ Every :class:`PairnetError` becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import logging
 import sys

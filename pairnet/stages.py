@@ -77,8 +77,7 @@ def setup_tracking() -> str:
 def load_splits(data_dir: str | Path | None, preset: str) -> Splits:
     """Train/val (and labelled public test, when present); make the default set if absent."""
     d = Path(data_dir) if data_dir else default_data_dir()
-    if ensure_dataset(d, size=check_preset(preset)["data_size"]):
-        log.warning("made the default %s dataset in %s", check_preset(preset)["data_size"], d)
+    ensure_dataset(d, size=check_preset(preset)["data_size"])  # says so when it makes one
     train, val = load_pairs(d / FILES["train"]), load_pairs(d / FILES["val"])
     train.require_labels(), val.require_labels()
     public = None

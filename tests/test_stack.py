@@ -10,7 +10,6 @@ import time
 import urllib.request
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient

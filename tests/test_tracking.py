@@ -64,7 +64,6 @@ def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
     from pairnet.cli import main
     from pairnet.tracking.registry import champion_gate, champion_version
 
-    env = user_env(mlflow_server, "it-gate")
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "it-gate"
     try:
         assert main(["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", "compare_cnn"]) == 0

@@ -75,7 +75,7 @@ def split_pools(targets: np.ndarray, seed: int) -> dict[str, dict[int, np.ndarra
     for cls in range(10):
         idx = rng.permutation(np.flatnonzero(targets == cls))
         bounds = np.cumsum([round(POOL_SHARE[s] * idx.size) for s in SPLITS[:-1]])
-        for split, part in zip(SPLITS, np.split(idx, bounds)):
+        for split, part in zip(SPLITS, np.split(idx, bounds), strict=True):
             pools[split][cls] = part
     return pools
 

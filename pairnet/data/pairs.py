@@ -245,5 +245,5 @@ def write_labels_csv(path: str | Path, ids: np.ndarray, labels: np.ndarray) -> N
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["id", "label"])
-        for key, label in zip(ids, labels):
+        for key, label in zip(ids, labels, strict=True):
             w.writerow([key, int(label)])

@@ -71,7 +71,6 @@ class CBAMTower(Tower):
         self.neck = Neck(cin, feat_dim, dropout)
         self.feat_dim = feat_dim
 
-
     def forward_features(self, x):
         return self.trunk(x)
 
@@ -151,7 +150,7 @@ class FPNTower(Tower):
         for i in range(len(feats) - 2, -1, -1):
             top = self.lateral[i](feats[i]) + F.interpolate(top, size=feats[i].shape[-2:], mode="nearest")
             pyramid.insert(0, top)
-        return [s(p) for s, p in zip(self.smooth, pyramid)]
+        return [s(p) for s, p in zip(self.smooth, pyramid, strict=True)]
 
     def forward(self, x):
         pooled = torch.cat([p.mean(dim=(2, 3)) for p in self.forward_features(x)], dim=1)
