@@ -347,8 +347,15 @@ def _add_pipeline(sub) -> None:
     p.set_defaults(func=_cmd_pipeline)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments give one line and exit 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pairnet", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="pairnet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)

@@ -219,3 +219,10 @@ def test_preview_png(tiny_data, tmp_path):
 def test_zip_is_real_npz(tiny_data):
     with zipfile.ZipFile(tiny_data / "train.npz") as zf:
         assert {"x.npy", "y.npy", "id.npy"} <= set(zf.namelist())
+
+
+def test_bad_cli_arguments_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "make", "--out", "x", "--size", "huge"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "invalid choice: 'huge'" in err

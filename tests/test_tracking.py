@@ -167,6 +167,11 @@ def test_bad_inputs_fail_cleanly(mlflow_server, tiny_data, tmp_path):
     down = subprocess.run(py + ["models"], env=env_down, capture_output=True, text=True, timeout=60)
     assert down.returncode == 2 and "unreachable" in down.stderr and len(down.stderr.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 10
+    # A bad parameter through `mlflow run`: the run MLflow created ends FAILED.
+    res = mlflow_run("stage2", {"preset": "tiny", "data_dir": tiny_data, "epochs": "abc"}, env)
+    assert res.returncode != 0 and "'abc' is not a number" in res.stderr
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("it-bad").experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs)
     # Nothing was left RUNNING by any of the above.
     exp = MlflowClient().get_experiment_by_name("it-bad")
     if exp is not None:
