@@ -56,6 +56,13 @@ def make_attention(name: str, channels: int) -> nn.Module:
     return nn.Identity() if layer is None else layer(channels)
 
 
+def shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity, or a strided 1×1 projection when the shape changes."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -66,9 +73,7 @@ class BasicBlock(nn.Module):
             conv3x3(cin, planes, stride), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
             conv3x3(planes, cout), nn.BatchNorm2d(cout),
         )
-        self.shortcut = (
-            nn.Identity() if stride == 1 and cin == cout else nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-        )
+        self.shortcut = shortcut(cin, cout, stride)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +91,7 @@ class Bottleneck(nn.Module):
             conv3x3(planes, planes, stride), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
             conv1x1(planes, cout), nn.BatchNorm2d(cout),
         )
-        self.shortcut = (
-            nn.Identity() if stride == 1 and cin == cout else nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-        )
+        self.shortcut = shortcut(cin, cout, stride)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
