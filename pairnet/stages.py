@@ -26,7 +26,7 @@ from pairnet.tracking.lifecycle import managed_run, start_or_attach
 from pairnet.tracking.model import log_pair_model
 from pairnet.tracking.server import tracking_uri
 from pairnet.train.config import TrainConfig
-from pairnet.train.loop import amp_dtype, evaluate, fit, load_checkpoint, pick_device, predict_proba
+from pairnet.train.loop import amp_dtype, evaluate, fit, load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,6 @@ def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: st
 
     dtype = amp_dtype(cfg.amp, dev)
     final = dict(result.final)
-    val_prob = predict_proba(model, splits.val.x, device=dev, batch_size=cfg.eval_batch_size, amp=dtype)
     if splits.public is not None:
         pub = evaluate(model, splits.public.x, splits.public.y, device=dev, batch_size=cfg.eval_batch_size,
                        amp=dtype, prefix="test_public_")
@@ -183,7 +182,7 @@ def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: st
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plots.learning_curves(result.history, tmp / "learning_curves.png", title=f"{stage} {cfg.model_name}")
-        plots.confusion(splits.val.y, val_prob, tmp / "confusion_matrix.png")
+        plots.confusion(splits.val.y, result.val_prob, tmp / "confusion_matrix.png")
         (tmp / "final_metrics.json").write_text(json.dumps(
             {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, **final}, indent=2))
         mlflow.log_artifacts(str(tmp))

@@ -33,6 +33,7 @@ class PairSet:
     ids: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     source: str = "<memory>"
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -53,11 +54,17 @@ class PairSet:
         return np.array([str(i) for i in range(len(self))])
 
     def digest(self) -> str:
-        """A short content hash of x and y, used to tag runs with the data they saw."""
-        h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
-        if self.y is not None:
-            h.update(np.ascontiguousarray(self.y).tobytes())
-        return h.hexdigest()[:16]
+        """A short content hash of x and y, used to tag runs with the data they saw.
+
+        Computed once per object: hashing the full training set (78 MB) each time a run
+        is tagged would repeat the same work.
+        """
+        if self._digest is None:
+            h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
+            if self.y is not None:
+                h.update(np.ascontiguousarray(self.y).tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def summary(self) -> dict:
         out = {"file": self.source, "n": len(self)}

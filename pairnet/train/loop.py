@@ -43,6 +43,7 @@ class FitResult:
     stopped_early: bool
     final: dict[str, float] = field(default_factory=dict)  # val metrics of the restored best weights
     checkpoint: Path | None = None
+    val_prob: np.ndarray | None = None  # val probabilities of the restored best weights
 
 
 # ------------------------------------------------------------------ precision
@@ -111,6 +112,10 @@ def evaluate(model: torch.nn.Module, x, y: np.ndarray, *, device: torch.device, 
              batch_size: int = 1024, amp: torch.dtype | None = None, prefix: str = "val_") -> dict[str, float]:
     """Loss, accuracy, F1, precision, recall and ROC AUC on labelled pairs."""
     logits = predict_logits(model, x, device=device, batch_size=batch_size, amp=amp)
+    return metrics_from_logits(logits, y, loss_fn=loss_fn, prefix=prefix)
+
+
+def metrics_from_logits(logits: torch.Tensor, y: np.ndarray, *, loss_fn=None, prefix: str = "val_") -> dict[str, float]:
     y = np.asarray(y)
     metrics = binary_metrics(torch.sigmoid(logits).numpy(), y, prefix=prefix)
     if loss_fn is not None:
@@ -294,9 +299,12 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    final = evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size, amp=dtype)
-    result = FitResult(history=history, best_epoch=best_epoch, best_val_acc=best_acc,
-                       stopped_early=stopped_early, final=final, checkpoint=ckpt)
+    # One inference pass over val gives both the final metrics and the probabilities
+    # that callers plot (confusion matrix) without predicting again.
+    logits = predict_logits(model, xv, device=device, batch_size=cfg.eval_batch_size, amp=dtype)
+    final = metrics_from_logits(logits, yv, loss_fn=loss_fn)
+    result = FitResult(history=history, best_epoch=best_epoch, best_val_acc=best_acc, stopped_early=stopped_early,
+                       final=final, checkpoint=ckpt, val_prob=torch.sigmoid(logits).numpy())
     for cb in callbacks:
         cb.on_fit_end(result)
     return result
