@@ -27,6 +27,15 @@ def whole(text: str) -> int:
     return int(value)
 
 
+def optional(typ):
+    """An argparse type where an empty string (MLproject's "unset") means None."""
+    def parse(text: str):
+        return None if text == "" else typ(text)
+
+    parse.__name__ = typ.__name__
+    return parse
+
+
 # ---------------------------------------------------------------- data
 def _cmd_data_check(args) -> int:
     from pairnet.data.pairs import load_pairs
@@ -63,6 +72,14 @@ def _cmd_data_preview(args) -> int:
     return 0
 
 
+def _cmd_data_profile(args) -> int:
+    from pairnet.data.profile import profile_report
+
+    text, _ = profile_report(args.file, against=args.against, top=args.top)
+    print(text)
+    return 0
+
+
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="check, make and preview pair files").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("check", help="validate a pair file and print a summary")
@@ -77,6 +94,13 @@ def _add_data(sub) -> None:
     p.add_argument("--seed", type=whole, default=42)
     p.add_argument("--neighbour-share", type=float, default=0.8)
     p.set_defaults(func=_cmd_data_make)
+
+    p = data.add_parser("profile", help="image statistics of a pair file, optionally against a reference")
+    p.add_argument("file")
+    p.add_argument("--against", help="a pair file or a profile JSON (default data: the real course data's profile, "
+                                     "'real')")
+    p.add_argument("--top", type=int, default=15, help="largest gaps to list")
+    p.set_defaults(func=_cmd_data_profile)
 
     p = data.add_parser("preview", help="draw a labelled grid of pairs as PNG")
     p.add_argument("path", help="a pair file or a data folder")
@@ -116,6 +140,14 @@ TRAIN_ARGS = {
     "dropout": float, "epochs": whole, "batch_size": whole, "lr": float, "weight_decay": float, "scheduler": str,
     "grad_clip": float, "patience": whole, "loss": str, "focal_alpha": float, "focal_gamma": float,
     "label_smoothing": float, "amp": str, "seed": whole, "max_steps_per_epoch": whole, "eval_batch_size": whole,
+    "aux_digit_weight": float, "init_from": str, "freeze_epochs": whole, "tower_lr_mult": float,
+}
+TRAIN_HELP = {
+    "aux_digit_weight": "weight of the digit loss on both halves (needs digit_a/digit_b in train.npz; 0 = off)",
+    "init_from": "start from a registered model, e.g. models:/pairnet-pretrain-resnet_optimized@champion "
+                 "(empty: from scratch)",
+    "freeze_epochs": "first epochs train the heads only, tower frozen (with init_from)",
+    "tower_lr_mult": "tower learning rate = lr x this (e.g. 0.5 when fine-tuning)",
 }
 
 
@@ -135,7 +167,7 @@ def _add_train_args(p, *, stage3: bool = False) -> None:
     for name, typ in TRAIN_ARGS.items():
         if stage3 and name in ("model_name", "seed"):
             continue
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=TRAIN_HELP.get(name))
     p.add_argument("--fusion", type=_bool, default=None)
     p.add_argument("--augment", type=_bool, default=None)
     p.add_argument("--channels-last", dest="channels_last", type=_bool, default=None)
@@ -169,13 +201,16 @@ def _cmd_stage(args) -> int:
     req = _request(args)
     if args.cmd == "stage3":
         _print_summary(stages.run_stage3(req))
+    elif args.cmd == "pretrain":
+        _print_summary([stages.run_single("pretrain", req)])
     else:
         _print_summary([stages.run_single(args.cmd, req)])
     return 0
 
 
 def _add_stages(sub) -> None:
-    for name, text in (("stage1", "fusion model (improved_v2)"), ("stage2", "deep ResNet compare net"),
+    for name, text in (("pretrain", "stage 0: a digit-aware tower (digit + pair losses) to fine-tune from"),
+                       ("stage1", "fusion model (improved_v2)"), ("stage2", "deep ResNet compare net"),
                        ("stage3", "diversity: seeds, FPN and fusion members as nested runs")):
         p = sub.add_parser(name, help=f"train {text} as a tracked MLflow run")
         _add_train_args(p, stage3=(name == "stage3"))
@@ -233,7 +268,8 @@ def _cmd_tune(args) -> int:
                       study_name=args.study_name, storage=args.storage, epochs=args.epochs,
                       sampler_seed=args.sampler_seed, n_workers=args.n_workers, lr_low=args.lr_low,
                       lr_high=args.lr_high, wd_low=args.wd_low, wd_high=args.wd_high, data_dir=args.data_dir,
-                      device=args.device, seed=args.seed)
+                      device=args.device, seed=args.seed, init_from=args.init_from,
+                      freeze_epochs=args.freeze_epochs, tower_lr_mult=args.tower_lr_mult)
     out = run_tune(req)
     print(f"study {out['study']}: {out['trials']} trials in storage, by state {out['states']}")
     if "best_params" in out:
@@ -259,6 +295,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--init-from", default="", help=TRAIN_HELP["init_from"])
+    p.add_argument("--freeze-epochs", type=optional(whole), default=None, help=TRAIN_HELP["freeze_epochs"])
+    p.add_argument("--tower-lr-mult", type=optional(float), default=None, help=TRAIN_HELP["tower_lr_mult"])
     p.set_defaults(func=_cmd_tune)
 
 
@@ -328,9 +367,10 @@ def _cmd_pipeline(args) -> int:
 
     out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"\n{'model':34s} {'ver':>4s} {'stage':7s} {'val acc':>8s} {'test_public acc':>16s}")
+    print(f"\n{'model':44s} {'ver':>4s} {'stage':8s} {'val acc':>8s} {'test_public acc':>16s}")
     for r in out["table"]:
-        print(f"{r['model']:34s} {r['version']:>4s} {r['stage']:7s} {fmt(r['val_acc']):>8s} {fmt(r['test_public_acc']):>16s}")
+        print(f"{r['model']:44s} {r['version']:>4s} {r['stage']:8s} {fmt(r['val_acc']):>8s} "
+              f"{fmt(r['test_public_acc']):>16s}")
     print("(stack val acc: 5-fold out-of-fold accuracy on val)")
     if out["reused"]:
         print(f"reused {len(out['reused'])} finished steps: {', '.join(out['reused'])}")

@@ -27,16 +27,36 @@ from pairnet.tracking.lifecycle import managed_run, start_or_attach
 
 log = logging.getLogger(__name__)
 
-# (stage, variant, seed): the base models each preset trains.
+# Stage 0 per preset: the variants pretrained with digit + pair losses.
+PRETRAIN = {
+    "tiny": ("resnet_optimized",),
+    "quick": ("improved_v2", "resnet_optimized"),
+    "full": ("improved_v2", "resnet_optimized", "resnet_optimized_1.12", "fpn_model"),
+}
+# (stage, variant, seed, init): the base models each preset trains; ``init`` is the
+# pretrained variant whose tower the model shares (its champion is the starting point),
+# or None for the recipe's from-scratch training. The last entry of each plan is the
+# from-scratch twin of a fine-tuned model: shown in the ladder, not stacked.
 PLANS = {
-    "tiny": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized", 42), ("stage3", "fpn_model", 42)],
-    "quick": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized_1.12", 42),
-              ("stage2", "resnet_optimized", 42), ("stage2", "resnet_fusion", 42), ("stage3", "fpn_model", 42)],
-    "full": [("stage1", "improved_v2", 42), ("stage2", "resnet_optimized_1.12", 42),
-             ("stage2", "resnet_optimized", 42), ("stage2", "resnet_fusion", 42)]
-            + [("stage3", v, s) for v, s in [("resnet_optimized_1.12", 2023), ("resnet_optimized_1.12", 2024),
-                                             ("resnet_optimized_1.12", 2025), ("fpn_model", 42),
-                                             ("improved_v2", 123), ("improved_v2", 456)]],
+    "tiny": [("stage2", "resnet_optimized", 42, "resnet_optimized"),
+             ("stage3", "resnet_fusion", 42, "resnet_optimized"),
+             ("stage2", "resnet_optimized", 42, None)],
+    "quick": [("stage1", "improved_v2", 42, "improved_v2"),
+              ("stage2", "resnet_optimized", 42, "resnet_optimized"),
+              ("stage2", "resnet_fusion", 42, "resnet_optimized"),
+              ("stage3", "resnet_optimized", 2023, "resnet_optimized"),
+              ("stage2", "resnet_optimized", 42, None)],
+    "full": [("stage1", "improved_v2", 42, "improved_v2"),
+             ("stage2", "resnet_optimized_1.12", 42, "resnet_optimized_1.12"),
+             ("stage2", "resnet_optimized", 42, "resnet_optimized"),
+             ("stage2", "resnet_fusion", 42, "resnet_optimized")]
+            + [("stage3", v, s, i) for v, s, i in [("resnet_optimized_1.12", 2023, "resnet_optimized_1.12"),
+                                                   ("resnet_optimized_1.12", 2024, "resnet_optimized_1.12"),
+                                                   ("resnet_optimized_1.12", 2025, "resnet_optimized_1.12"),
+                                                   ("fpn_model", 42, "fpn_model"),
+                                                   ("improved_v2", 123, "improved_v2"),
+                                                   ("improved_v2", 456, "improved_v2")]]
+            + [("stage2", "resnet_optimized_1.12", 42, None)],
 }
 
 
@@ -73,12 +93,13 @@ def _summary_from_run(run) -> dict:
     t, m = run.data.tags, run.data.metrics
     return {"run_id": run.info.run_id, "name": t["pairnet.registered_name"], "version": t["pairnet.model_version"],
             "val_acc": m.get("final_val_acc"), "test_public_acc": m.get("test_public_acc"),
-            "stage": t["pairnet.stage"], "model": t["pairnet.model"], "seed": int(t["pairnet.seed"]), "reused": True}
+            "stage": t["pairnet.stage"], "model": t["pairnet.model"], "seed": int(t["pairnet.seed"]),
+            "init_from": t.get("pairnet.init_from"), "reused": True}
 
 
 def run_pipeline(req: PipelineRequest) -> dict:
     from pairnet.stack import StackRequest, run_stack
-    from pairnet.stages import load_splits, setup_tracking, train_tracked
+    from pairnet.stages import load_splits, setup_tracking
 
     preset = check_preset(req.preset)
     d = Path(req.data_dir) if req.data_dir else default_data_dir()
@@ -101,26 +122,21 @@ def run_pipeline(req: PipelineRequest) -> dict:
         splits = load_splits(d, req.preset)
         digest = splits.digest()
 
-        # base models
-        for stage, variant, seed in PLANS[req.preset]:
-            cfg = build_config(stage, req.preset, {"model_name": variant, "seed": seed})
-            name = registry.registered_name(variant, seed if stage == "stage3" else None)
-            key = step_key(f"{stage}/{variant}/{seed}", {**cfg.to_dict(), "registered": name}, code, digest)
-            done = find_finished(key, client)
-            if done is not None:
-                log.info("step %s/%s/seed%d: reused run %s (same params, code and data)", stage, variant, seed,
-                         done.info.run_id)
-                reused.append(f"{stage}/{variant}/seed{seed}")
-                rows.append(_summary_from_run(done))
-                continue
-            res = train_tracked(cfg, stage=stage, splits=splits, registered=name,
-                                run_name=f"{stage}/{variant}/seed{seed}", device=req.device, preset=req.preset,
-                                parent_run_id=parent)
-            client.set_tag(res["run_id"], "pairnet.step_key", key)
-            rows.append({**res, "reused": False})
+        # stage 0: pretrained towers, then the base models started from their champions
+        pretrained = {}
+        for variant in PRETRAIN[req.preset]:
+            row = _train_step("pretrain", variant, 42, None, req, splits, code, client, parent, reused)
+            rows.append(row)
+            champion = registry.champion_version(row["name"], client)
+            pretrained[variant] = f"models:/{champion.name}/{champion.version}"
+        trained = [_train_step(stage, variant, seed, pretrained[init] if init else None, req, splits, code, client,
+                               parent, reused)
+                   for stage, variant, seed, init in PLANS[req.preset]]
+        rows += trained
+        base = trained[:-1]  # the from-scratch twin is a reference row, not a base model
 
         # stack over exactly the versions above
-        uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in rows)
+        uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
         key = step_key("stack", {"models": uris, "n_folds": 5}, code, digest)
         done = find_finished(key, client)
         if done is not None:
@@ -145,8 +161,9 @@ def run_pipeline(req: PipelineRequest) -> dict:
         else:
             _run_predict_step(f"models:/{registry.STACK_NAME}/{stack['version']}", d, pred_path, parent, key)
 
-        table = [{"model": r["name"], "version": r["version"], "stage": r["stage"], "val_acc": r["val_acc"],
-                  "test_public_acc": r["test_public_acc"]} for r in rows]
+        table = [{"model": r["name"] + ("" if r["init_from"] or r["stage"] == "pretrain" else " (from scratch)"),
+                  "version": r["version"], "stage": r["stage"], "val_acc": r["val_acc"],
+                  "test_public_acc": r["test_public_acc"], "init_from": r["init_from"] or ""} for r in rows]
         table.append({"model": registry.STACK_NAME, "version": stack["version"], "stage": "stack",
                       "val_acc": stack["cv_oof_acc"], "test_public_acc": stack["test_public_acc"]})
         with tempfile.TemporaryDirectory() as tmp:
@@ -155,6 +172,37 @@ def run_pipeline(req: PipelineRequest) -> dict:
         mlflow.log_metrics({"steps_reused": float(len(reused)), "stack_test_public_acc": stack["test_public_acc"]})
         mlflow.set_tag("pairnet.reused_steps", ",".join(reused)[:5000])
     return {"run_id": parent, "table": table, "reused": reused, "ui": uri, "predictions": str(pred_path)}
+
+
+def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest, splits,
+                code: str, client: MlflowClient, parent: str, reused: list) -> dict:
+    """One training step: reuse the FINISHED run with the same key, or train it now."""
+    from pairnet.stages import registered_for, train_tracked
+
+    explicit = {"model_name": variant, "seed": seed, **({"init_from": init_from} if init_from else {})}
+    cfg = build_config(stage, req.preset, explicit)
+    name = registered_for(stage, variant, seed if stage == "stage3" else None)
+    label = f"{stage}/{variant}/seed{seed}" + ("" if init_from or stage == "pretrain" else "/scratch")
+    # The key holds the whole config, init_from's exact version included.
+    key = step_key(label, {**cfg.to_dict(), "registered": name}, code, splits.digest())
+    done = find_finished(key, client)
+    if done is not None and _version_exists(done, client):
+        log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
+        reused.append(label)
+        return _summary_from_run(done)
+    res = train_tracked(cfg, stage=stage, splits=splits, registered=name, run_name=label, device=req.device,
+                        preset=req.preset, parent_run_id=parent)
+    client.set_tag(res["run_id"], "pairnet.step_key", key)
+    return {**res, "reused": False}
+
+
+def _version_exists(run, client: MlflowClient) -> bool:
+    t = run.data.tags
+    try:
+        client.get_model_version(t["pairnet.registered_name"], t["pairnet.model_version"])
+        return True
+    except (KeyError, mlflow.exceptions.MlflowException):
+        return False
 
 
 def _meta_matches(d: Path, gen: GenConfig) -> bool:

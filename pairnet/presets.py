@@ -9,17 +9,23 @@ from __future__ import annotations
 from pairnet.errors import PairnetError
 from pairnet.train.config import TrainConfig
 
+# "train" applies to every stage; "pretrain" on top of it to the pretrain stage, and
+# "finetune" to any stage started from a registered model (init_from set).
 PRESETS: dict[str, dict] = {
     "tiny": {
         "data_size": "tiny",
         "train": dict(epochs=2, width_mult=0.25, feat_dim=32, batch_size=64, patience=0, max_steps_per_epoch=4,
                       eval_batch_size=256),
+        "pretrain": {},
+        "finetune": {},
     },
     "quick": {
         "data_size": "quick",
         "train": dict(epochs=6, width_mult=0.5, feat_dim=128, batch_size=128, lr=2e-3, patience=3),
+        "pretrain": dict(epochs=8),
+        "finetune": dict(epochs=3, patience=0, tower_lr_mult=0.5),
     },
-    "full": {"data_size": "full", "train": {}},
+    "full": {"data_size": "full", "train": {}, "pretrain": {}, "finetune": dict(epochs=30, patience=5, tower_lr_mult=0.5)},
 }
 
 # Stage-specific recipe values (DESIGN.md): stage 1 trains 50 epochs with patience 5.
@@ -30,6 +36,8 @@ STAGE_RECIPE = {
     "stage2": dict(model_name="resnet_optimized_1.12", epochs=100, patience=10),
     "stage3": dict(model_name="resnet_optimized_1.12", epochs=100, patience=10),
     "tune": dict(model_name="resnet_optimized", epochs=10, patience=0),
+    # Stage 0: the tower learns to read digits (digit loss on both halves) and to compare them.
+    "pretrain": dict(model_name="resnet_optimized", epochs=30, patience=5, aux_digit_weight=1.0),
 }
 
 
@@ -52,7 +60,12 @@ def build_config(stage: str, preset: str, explicit: dict, *, recipe_means_unset:
     """
     base = recipe_config(stage)
     values = base.to_dict()
-    values.update(check_preset(preset)["train"])
+    chosen = check_preset(preset)
+    values.update(chosen["train"])
+    if stage == "pretrain":
+        values.update(chosen["pretrain"])
+    if explicit.get("init_from"):
+        values.update(chosen["finetune"])
     recipe = base.to_dict()
     for key, value in explicit.items():
         if value is None:

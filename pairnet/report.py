@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from pairnet.tracking.registry import list_registered
 
-STAGE_ORDER = {"stage1": 1, "stage2": 2, "stage3": 3, "tune": 3.5, "stack": 4}
+STAGE_ORDER = {"pretrain": 0, "stage1": 1, "stage2": 2, "stage3": 3, "tune": 3.5, "stack": 4}
 
 
 def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
@@ -28,15 +28,16 @@ def ladder(experiment: str | None = None, client: MlflowClient | None = None) ->
     for r in runs:
         stage = r.data.tags.get("pairnet.stage")
         m = r.data.metrics
-        if stage in ("stage1", "stage2", "stage3"):
+        if stage in ("pretrain", "stage1", "stage2", "stage3"):
             rows.append({"stage": stage, "model": r.data.tags.get("pairnet.registered_name"),
+                         "init_from": r.data.tags.get("pairnet.init_from", ""),
                          "val_acc": m.get("final_val_acc"), "test_public_acc": m.get("test_public_acc"),
                          "run_id": r.info.run_id, "start": r.info.start_time})
         elif stage == "stack":
-            rows.append({"stage": stage, "model": "pairnet-stack", "val_acc": m.get("cv_oof_acc"),
+            rows.append({"stage": stage, "model": "pairnet-stack", "init_from": "", "val_acc": m.get("cv_oof_acc"),
                          "test_public_acc": m.get("test_public_acc_lightgbm_stack"), "run_id": r.info.run_id,
                          "start": r.info.start_time})
-    df = pd.DataFrame(rows, columns=["stage", "model", "val_acc", "test_public_acc", "run_id", "start"])
+    df = pd.DataFrame(rows, columns=["stage", "model", "init_from", "val_acc", "test_public_acc", "run_id", "start"])
     if df.empty:
         return df
     df["order"] = df["stage"].map(STAGE_ORDER)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from pairnet.tracking import registry
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
-_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -55,19 +53,12 @@ def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[B
     out = []
     if spec.strip():
         for uri in (u.strip() for u in spec.split(",") if u.strip()):
-            m = _URI.match(uri)
-            if not m:
-                raise PairnetError(f"model URI '{uri}' must look like models:/name@alias or models:/name/version")
-            try:
-                mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
-                      else client.get_model_version(m["name"], m["version"]))
-            except MlflowException:
-                what = f"alias '{m['alias']}'" if m["alias"] else f"version {m['version']}"
-                raise PairnetError(f"registered model '{m['name']}' has no {what} ({uri})") from None
+            mv = registry.resolve_version(uri, client)
             out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
     else:
         for rm in client.search_registered_models(filter_string=f"name LIKE '{registry.PREFIX}%'", max_results=1000):
-            if rm.name == registry.STACK_NAME:
+            # The stack itself and pretrained towers are not base models.
+            if rm.name == registry.STACK_NAME or rm.name.startswith(registry.PRETRAIN_PREFIX):
                 continue
             mv = registry.champion_version(rm.name, client)
             if mv is None:

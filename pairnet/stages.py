@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.tracking import MlflowClient
 
 from pairnet.data.generate import FILES, ensure_dataset
@@ -22,16 +23,17 @@ from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
+from pairnet.tracking.init_from import CHECKPOINT_ARTIFACT, InitSource, fetch_init_source
 from pairnet.tracking.lifecycle import managed_run, start_or_attach
 from pairnet.tracking.model import log_pair_model
 from pairnet.tracking.server import tracking_uri
 from pairnet.train.config import TrainConfig
-from pairnet.train.loop import amp_dtype, evaluate, fit, load_checkpoint, pick_device
+from pairnet.models.transfer import copy_matching
+from pairnet.train.loop import amp_dtype, digit_labels, evaluate, fit, load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "pairnet"
-CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
 # Stage 3 members: (model variant, seed), DESIGN.md.
 STAGE3_MEMBERS = (
     [("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)]
@@ -102,8 +104,11 @@ def _git_commit() -> str:
 # ---------------------------------------------------------------- one tracked training
 def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: str, run_name: str,
                   device: str = "auto", preset: str = "full", parent_run_id: str | None = None,
-                  resume_run_id: str | None = None) -> dict:
-    """Train one model inside its own MLflow run; log everything; register; gate champion."""
+                  resume_run_id: str | None = None, init_source: InitSource | None = None) -> dict:
+    """Train one model inside its own MLflow run; log everything; register; gate champion.
+
+    ``init_source``: the weights ``cfg.init_from`` names, when the caller already fetched them.
+    """
     dev = pick_device(device)
     tags = {
         "pairnet.stage": stage, "pairnet.model": cfg.model_name, "pairnet.seed": str(cfg.seed),
@@ -115,7 +120,21 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         resume_state = _download_checkpoint(resume_run_id)
         cfg = TrainConfig.from_dict(resume_state["config"])
         tags["pairnet.resumed_from"] = resume_run_id
-    model = model_from_spec(resume_state["spec"]) if resume_state else create_model(cfg.model_name, **cfg.model_overrides())
+    if cfg.aux_digit_weight > 0 and digit_labels(splits.train) is None:
+        raise PairnetError(f"aux_digit_weight {cfg.aux_digit_weight} needs digit labels (digit_a, digit_b arrays), "
+                           f"and {splits.train.source} has none: set aux_digit_weight 0")
+    # Seed before building: the initial weights follow cfg.seed, not the process's history.
+    torch.manual_seed(cfg.seed)
+    if resume_state:
+        model = model_from_spec(resume_state["spec"])
+    else:
+        model = create_model(cfg.model_name, digit_head=cfg.aux_digit_weight > 0, **cfg.model_overrides())
+    transfer = None
+    if cfg.init_from and not resume_state:  # a resumed run already holds the fine-tuned weights
+        source = init_source or fetch_init_source(cfg.init_from)
+        transfer = copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
+        tags["pairnet.init_from"] = source.uri
+        tags["pairnet.init_from_run"] = source.run_id
 
     run_id = start_or_attach(run_name, tags, parent_run_id=parent_run_id)
     ckpt_dir = Path(tempfile.mkdtemp(prefix=f"pairnet-{run_id[:8]}-"))
@@ -141,6 +160,8 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
                        "data.n_val": len(splits.val), "data.digest": splits.digest()})
         if resume_run_id:
             params["run.resumed_from"] = resume_run_id
+        if transfer is not None:
+            params.update(transfer.as_params())
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         _log_datasets(splits)
 
@@ -153,7 +174,8 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         bar = EpochBar(cfg.epochs, run_name, start=len(resume_state["history"]) if resume_state else 0)
         result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback, bar],
                      checkpoint_path=ckpt, resume=resume_state)
-        summary = _log_outcome(model, result, cfg, splits, dev, stage, registered, run_id)
+        summary = _log_outcome(model, result, cfg, splits, dev, stage, registered, run_id,
+                               init_uri=tags.get("pairnet.init_from"))
         log_last_checkpoint()
     return summary
 
@@ -165,7 +187,8 @@ def _log_datasets(splits: Splits) -> None:
         mlflow.log_input(ds, context=context)
 
 
-def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: str, registered: str, run_id: str) -> dict:
+def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: str, registered: str, run_id: str,
+                 init_uri: str | None = None) -> dict:
     from pairnet import plots
 
     dtype = amp_dtype(cfg.amp, dev)
@@ -193,6 +216,7 @@ def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: st
     registry.tag_version(registered, version, {
         "val_acc": f"{val_acc:.6f}", "val_auc": f"{final['val_auc']:.6f}", "stage": stage,
         "model": cfg.model_name, "seed": cfg.seed, "run_id": run_id,
+        **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
     })
     decision = registry.champion_gate(registered, version, val_acc)
@@ -203,7 +227,7 @@ def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: st
         mlflow.log_metric("champion_val_acc_before", decision.champion_val_acc)
     return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc,
             "test_public_acc": final.get("test_public_acc"), "promoted": decision.promoted,
-            "model": cfg.model_name, "stage": stage, "seed": cfg.seed}
+            "model": cfg.model_name, "stage": stage, "seed": cfg.seed, "init_from": init_uri}
 
 
 def _fusion_ablation(model, val: PairSet, dev, cfg: TrainConfig) -> dict[str, float]:
@@ -266,13 +290,18 @@ def _resume_target(req: StageRequest, stage: str, cfg: TrainConfig) -> str | Non
 
 
 # ---------------------------------------------------------------- stages
+def registered_for(stage: str, variant: str, seed: int | None = None) -> str:
+    """``pairnet-<variant>``; pretrained towers as ``pairnet-pretrain-<variant>``."""
+    return registry.registered_name(f"pretrain-{variant}" if stage == "pretrain" else variant, seed)
+
+
 def run_single(stage: str, req: StageRequest) -> dict:
-    """Stages 1 and 2: one model, one run, registered as ``pairnet-<variant>``."""
+    """Pretrain and stages 1–2: one model, one run, registered as ``pairnet-[pretrain-]<variant>``."""
     setup_tracking()
     cfg = build_config(stage, req.preset, req.explicit, recipe_means_unset=req.recipe_means_unset)
     splits = load_splits(req.data_dir, req.preset)
     resume = _resume_target(req, stage, cfg)
-    return train_tracked(cfg, stage=stage, splits=splits, registered=registry.registered_name(cfg.model_name),
+    return train_tracked(cfg, stage=stage, splits=splits, registered=registered_for(stage, cfg.model_name),
                          run_name=f"{stage}/{cfg.model_name}/seed{cfg.seed}", device=req.device,
                          preset=req.preset, resume_run_id=resume)
 
@@ -299,6 +328,12 @@ def run_stage3(req: StageRequest) -> list[dict]:
     for variant, seed in members:
         explicit = {**req.explicit, "model_name": variant, "seed": seed}
         configs.append(build_config("stage3", req.preset, explicit, recipe_means_unset=req.recipe_means_unset))
+    source = None
+    if configs[0].init_from:  # every member must match it: checked before any run opens
+        source = fetch_init_source(configs[0].init_from)
+        for cfg in configs:
+            copy_matching(create_model(cfg.model_name, **cfg.model_overrides()), source.state,
+                          source_spec=source.spec, source=source.uri)
     parent = start_or_attach("stage3/diversity", {"pairnet.stage": "stage3", "pairnet.preset": req.preset,
                                                   "pairnet.data_digest": splits.digest()})
     results = []
@@ -309,7 +344,7 @@ def run_stage3(req: StageRequest) -> list[dict]:
             res = train_tracked(cfg, stage="stage3", splits=splits,
                                 registered=registry.registered_name(cfg.model_name, cfg.seed),
                                 run_name=f"stage3/{cfg.model_name}/seed{cfg.seed}", device=req.device,
-                                preset=req.preset, parent_run_id=parent)
+                                preset=req.preset, parent_run_id=parent, init_source=source)
             results.append(res)
         accs = np.array([r["val_acc"] for r in results])
         mlflow.log_metrics({"members": float(len(results)), "best_member_val_acc": float(accs.max()),

@@ -29,7 +29,9 @@ from pairnet.models import create_model, model_from_spec
 from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config
 from pairnet.tracking import registry
+from pairnet.models.transfer import copy_matching
 from pairnet.tracking.callback import MlflowCallback
+from pairnet.tracking.init_from import fetch_init_source
 from pairnet.tracking.lifecycle import managed_run, start_or_attach
 from pairnet.tracking.model import log_pair_model
 from pairnet.train.loop import Callback, fit, pick_device
@@ -55,6 +57,9 @@ class TuneRequest:
     data_dir: str | None = None
     device: str = "auto"
     seed: int = 42
+    init_from: str = ""  # every trial starts from this registered model ("" = from scratch)
+    freeze_epochs: int | None = None  # None = the preset's
+    tower_lr_mult: float | None = None
 
     def validate(self) -> "TuneRequest":
         for name, lo, hi in (("lr", self.lr_low, self.lr_high), ("weight_decay", self.wd_low, self.wd_high)):
@@ -133,24 +138,30 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, model_d
     splits = load_splits(req.data_dir, req.preset)
     dev = pick_device(req.device)
     client = MlflowClient()
+    explicit = {"model_name": req.model_name, "seed": req.seed, "epochs": req.epochs or None,
+                "init_from": req.init_from or None, "freeze_epochs": req.freeze_epochs,
+                "tower_lr_mult": req.tower_lr_mult}
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    source = fetch_init_source(req.init_from, client) if req.init_from else None
 
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", req.lr_low, req.lr_high, log=True)
         wd = trial.suggest_float("weight_decay", req.wd_low, req.wd_high, log=True)
-        explicit = {"model_name": req.model_name, "lr": lr, "weight_decay": wd, "seed": req.seed,
-                    "epochs": req.epochs or None}
-        cfg = build_config("tune", req.preset, explicit)
+        cfg = build_config("tune", req.preset, {**explicit, "lr": lr, "weight_decay": wd})
         run = client.create_run(experiment_id, run_name=f"tune/{req.study_name}/trial{trial.number}", tags={
             "mlflow.parentRunId": parent_run_id, "pairnet.stage": "tune", "pairnet.model": cfg.model_name,
             "pairnet.seed": str(cfg.seed), "optuna.study": req.study_name, "optuna.trial_number": str(trial.number),
-            "pairnet.data_digest": splits.digest(),
+            "pairnet.data_digest": splits.digest(), **({"pairnet.init_from": source.uri} if source else {}),
         })
         child = run.info.run_id
         trial.set_user_attr("mlflow_run_id", child)
         client.log_batch(child, params=[mlflow.entities.Param(k, str(v)) for k, v in
                                         {"lr": lr, "weight_decay": wd, "trial_number": trial.number,
                                          **{f"cfg.{k}": v for k, v in cfg.to_dict().items()}}.items()])
+        torch.manual_seed(cfg.seed)
         model = create_model(cfg.model_name, **cfg.model_overrides())
+        if source is not None:
+            copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
         try:
             result = fit(model, splits.train, splits.val, cfg, device=dev,
                          callbacks=[MlflowCallback(child, client), PruneOnValAcc(trial)])
@@ -189,6 +200,11 @@ def run_tune(req: TuneRequest) -> dict:
     url = req.storage_url()
     storage = open_storage(url)  # a bad URL fails here, before any run exists
     setup_tracking()
+    if req.init_from:  # a missing model or a mismatched architecture fails before any run exists
+        cfg = build_config("tune", req.preset, {"model_name": req.model_name, "init_from": req.init_from})
+        source = fetch_init_source(req.init_from)
+        copy_matching(create_model(cfg.model_name, **cfg.model_overrides()), source.state,
+                      source_spec=source.spec, source=source.uri)
     study = make_study(req, storage)
     before = len(study.trials)
     parent = start_or_attach(f"tune/{req.study_name}", {"pairnet.stage": "tune", "pairnet.model": req.model_name,

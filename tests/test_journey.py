@@ -36,10 +36,17 @@ def test_pipeline_children_and_reuse(pipeline_runs):
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{pipelines[0].info.run_id}'")
     stages = sorted(c.data.tags["pairnet.stage"] for c in children)
-    assert stages == ["data", "predict", "stack", "stage1", "stage2", "stage3"]
+    assert stages == ["data", "predict", "pretrain", "stack", "stage2", "stage2", "stage3"]
     assert all(c.info.status == "FINISHED" for c in children)
+    # Stage 0 feeds the fine-tuned models; the from-scratch twin has no init_from.
+    (pre,) = [c for c in children if c.data.tags["pairnet.stage"] == "pretrain"]
+    assert pre.data.tags["pairnet.registered_name"] == "pairnet-pretrain-resnet_optimized"
+    inits = sorted(c.data.tags.get("pairnet.init_from", "") for c in children if c.data.tags["pairnet.stage"]
+                   in ("stage2", "stage3"))
+    assert inits[0] == "" and all(i.startswith("models:/pairnet-pretrain-resnet_optimized/") for i in inits[1:])
+    assert len(inits) == 3 and "(from scratch)" in first.stdout
     # The second run reused every step and says so.
-    assert "reused 6 finished steps" in second.stdout
+    assert "reused 7 finished steps" in second.stdout
     assert not client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{pipelines[1].info.run_id}'")
     assert "MLflow UI: http://127.0.0.1" in first.stdout and "pairnet-stack" in first.stdout

@@ -128,7 +128,7 @@ def test_augment_swap_flips_labels():
     x = torch.zeros(64, 28, 56)
     x[:, :, :28] = 1.0  # bright left, dark right
     y = torch.ones(64)
-    xa, ya = augment_batch(x, y, g)
+    xa, ya, _ = augment_batch(x, y, g)
     swapped = ya == 0
     assert 10 < swapped.sum() < 54
     left_brighter = xa[:, :, :28].sum(dim=(1, 2)) > xa[:, :, 28:].sum(dim=(1, 2))

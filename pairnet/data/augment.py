@@ -27,13 +27,17 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g) * (hi - lo) + lo
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, cfg: AugmentConfig = AugmentConfig()):
-    """x (B, 28, 56) float in [0, 1], y (B,) float → augmented copies."""
+def augment_batch(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, cfg: AugmentConfig = AugmentConfig(),
+                  digits: torch.Tensor | None = None):
+    """x (B, 28, 56) float in [0, 1], y (B,) float, optional digit labels (B, 2)
+    → augmented copies (x, y, digits); digits (None when not given) follow a swap."""
     b, dev = x.shape[0], x.device
     swap = (torch.rand(b, generator=g) < cfg.swap).to(dev)
     left, right = x[:, :, :28], x[:, :, 28:]
     halves = torch.cat([torch.where(swap[:, None, None], right, left), torch.where(swap[:, None, None], left, right)])
     y = torch.where(swap, 1.0 - y, y)
+    if digits is not None:
+        digits = torch.where(swap[:, None], digits.flip(1), digits)
 
     m = 2 * b
     rot = _uniform(m, -cfg.rotation_deg, cfg.rotation_deg, g) * (math.pi / 180)
@@ -55,4 +59,4 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, cfg: Aug
     in_y = (ar[None] >= y0[:, None]) & (ar[None] < (y0 + h)[:, None])
     box = in_y[:, :, None] & in_x[:, None, :] & on[:, None, None]
     halves = halves.masked_fill(box, 0.0)
-    return torch.cat([halves[:b], halves[b:]], dim=2), y
+    return torch.cat([halves[:b], halves[b:]], dim=2), y, digits

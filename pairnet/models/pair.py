@@ -11,13 +11,22 @@ PIXEL_MEAN = 17.0 / 255
 PIXEL_STD = 31.6 / 255
 
 
-class PairModel(nn.Module):
-    """x (N, 28, 56) in [0, 1] → logits (N,) for "left digit > right digit"."""
+DIGIT_CLASSES = 10
 
-    def __init__(self, tower: nn.Module, head: nn.Module, spec: dict):
+
+class PairModel(nn.Module):
+    """x (N, 28, 56) in [0, 1] → logits (N,) for "left digit > right digit".
+
+    With ``digit_head=True`` a linear 10-class digit classifier sits on the shared
+    tower's features; it serves the auxiliary digit loss in training only, so pair
+    prediction and the served interface are the same with or without it.
+    """
+
+    def __init__(self, tower: nn.Module, head: nn.Module, spec: dict, *, digit_head: bool = False):
         super().__init__()
         self.tower = tower
         self.head = head
+        self.digit_head = nn.Linear(tower.feat_dim, DIGIT_CLASSES) if digit_head else None
         self.spec = dict(spec)  # name + resolved builder arguments: enough to rebuild
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +42,13 @@ class PairModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(*self.forward_features(x))
+
+    def forward_with_digits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair logits (N,) and digit logits (2N, 10): left halves first, then right."""
+        if self.digit_head is None:
+            raise ValueError("this model was built without a digit head (create_model(..., digit_head=True))")
+        fa, fb = self.forward_features(x)
+        return self.forward_head(fa, fb), self.digit_head(torch.cat([fa, fb]))
 
 
 class ProbabilityModel(nn.Module):

@@ -105,11 +105,14 @@ def resolve(name: str, **overrides) -> tuple[str, dict]:
     return builder, kwargs
 
 
-def create_model(name: str, **overrides) -> PairModel:
+def create_model(name: str, *, digit_head: bool = False, **overrides) -> PairModel:
+    """Build a zoo model; ``digit_head`` adds the 10-class digit classifier on the tower."""
     builder, kwargs = resolve(name, **overrides)
     tower, head = _BUILDERS[builder](**kwargs)
     spec = {"name": name, "builder": builder, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-    return PairModel(tower, head, spec)
+    if digit_head:
+        spec["digit_head"] = True
+    return PairModel(tower, head, spec, digit_head=digit_head)
 
 
 def model_from_spec(spec: dict) -> PairModel:

@@ -15,8 +15,10 @@ from pairnet.errors import PairnetError
 log = logging.getLogger(__name__)
 
 PREFIX = "pairnet-"
+PRETRAIN_PREFIX = "pairnet-pretrain-"
 CHAMPION = "champion"
 STACK_NAME = "pairnet-stack"
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 def registered_name(variant: str, seed: int | None = None) -> str:
@@ -94,3 +96,18 @@ def promote(name: str, version: str, alias: str = CHAMPION, client: MlflowClient
         hint = f"known versions: {known}" if known else "no such registered model"
         raise PairnetError(f"model '{name}' version {version} not found ({hint})") from None
     client.set_registered_model_alias(name, alias, str(version))
+
+
+def resolve_version(uri: str, client: MlflowClient | None = None):
+    """``models:/name/version`` or ``models:/name@alias`` → the registry's ModelVersion."""
+    client = client or MlflowClient()
+    m = MODEL_URI.match(uri.strip())
+    if not m:
+        raise PairnetError(f"model URI '{uri}' must look like models:/name@alias or models:/name/version")
+    try:
+        if m["alias"]:
+            return client.get_model_version_by_alias(m["name"], m["alias"])
+        return client.get_model_version(m["name"], m["version"])
+    except MlflowException:
+        what = f"alias '{m['alias']}'" if m["alias"] else f"version {m['version']}"
+        raise PairnetError(f"registered model '{m['name']}' has no {what} ({uri})") from None

@@ -41,6 +41,13 @@ class TrainConfig:
     # Data.
     augment: bool = True
     seed: int = 42
+    # Digit supervision: weight of the 10-class digit loss on both halves (needs the
+    # training file's digit_a/digit_b arrays; 0 = pair loss only, the seed recipe).
+    aux_digit_weight: float = 0.0
+    # Fine-tuning: start from a registered model ("" = from scratch, the seed recipe).
+    init_from: str = ""  # models:/name/version or models:/name@alias
+    freeze_epochs: int = 0  # first epochs train the heads only (tower frozen)
+    tower_lr_mult: float = 1.0  # tower learning rate = lr × this
 
     CHOICES = {
         "scheduler": ("cosine", "plateau", "onecycle", "none"),
@@ -61,6 +68,13 @@ class TrainConfig:
                 raise PairnetError(f"{key} must be >= 0 (got {getattr(self, key)})")
         if self.label_smoothing >= 1:
             raise PairnetError(f"label_smoothing must be < 1 (got {self.label_smoothing})")
+        # Written as "not >= 0" so that NaN fails too.
+        for key in ("aux_digit_weight", "freeze_epochs", "tower_lr_mult"):
+            if not getattr(self, key) >= 0 or getattr(self, key) == float("inf"):
+                raise PairnetError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
+        if self.init_from and not self.init_from.startswith("models:/"):
+            raise PairnetError(f"init_from '{self.init_from}' must be a registry URI such as "
+                               "models:/pairnet-pretrain-resnet_optimized@champion (or empty for from scratch)")
         self.model_overrides()  # parses layers
         return self
 

@@ -103,6 +103,29 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *, devi
     return torch.cat(out).cpu()
 
 
+@torch.inference_mode()
+def predict_with_digits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *, device: torch.device,
+                        batch_size: int = 1024, amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair logits (N,) and digit logits (N, 2, 10) in one batched pass (models with a digit head)."""
+    model.eval()
+    xs = torch.as_tensor(x)
+    pair, digit = [], []
+    for start in range(0, xs.shape[0], batch_size):
+        xb = xs[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        with autocast(device, amp):
+            logits, dlog = model.forward_with_digits(xb)
+        pair.append(logits.float())
+        digit.append(dlog.float().view(2, -1, dlog.shape[-1]).transpose(0, 1))
+    return torch.cat(pair).cpu(), torch.cat(digit).cpu()
+
+
+def digit_labels(pairs: PairSet) -> np.ndarray | None:
+    """(N, 2) digit classes of the left and right halves, or None when the file has none."""
+    if "digit_a" not in pairs.extras or "digit_b" not in pairs.extras:
+        return None
+    return np.stack([pairs.extras["digit_a"], pairs.extras["digit_b"]], axis=1).astype(np.int64)
+
+
 def predict_proba(model: torch.nn.Module, x: np.ndarray, *, device: torch.device, batch_size: int = 1024,
                   amp: torch.dtype | None = None) -> np.ndarray:
     return torch.sigmoid(predict_logits(model, x, device=device, batch_size=batch_size, amp=amp)).numpy()
@@ -162,7 +185,7 @@ def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2), "plateau"
     if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], epochs=cfg.epochs,
                                                    steps_per_epoch=steps_per_epoch), "step"
     return None, "none"
 
@@ -184,12 +207,21 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     dtype = amp_dtype(cfg.amp, device)
     loss_fn = make_loss(cfg)
+    aux = cfg.aux_digit_weight > 0
+    digits_train = digit_labels(train)
+    if aux and digits_train is None:
+        raise PairnetError(f"aux_digit_weight {cfg.aux_digit_weight} needs digit labels (digit_a, digit_b arrays), "
+                           f"and {train.source} has none: set aux_digit_weight 0")
+    if aux and getattr(model, "digit_head", None) is None:
+        raise PairnetError("aux_digit_weight > 0 needs a model built with a digit head (create_model(..., digit_head=True))")
+    digits_val = digit_labels(val) if aux else None
 
     # Each split lives on the device as one uint8 tensor; batches are taken by index.
     xs = torch.from_numpy(np.ascontiguousarray(train.x)).to(device)
     ys = torch.from_numpy(train.require_labels().astype(np.float32)).to(device)
     xv = torch.from_numpy(np.ascontiguousarray(val.x)).to(device)
     yv = val.require_labels()
+    ds = torch.from_numpy(digits_train).to(device) if aux else None
     n = xs.shape[0]
     steps = n // cfg.batch_size if n >= cfg.batch_size else 1
     if cfg.max_steps_per_epoch:
@@ -200,8 +232,12 @@ def fit(
         model.to(memory_format=torch.channels_last)
     # The fused kernel updates every parameter tensor in one pass instead of a Python
     # loop over ~100 small tensors (BatchNorm, SE, biases).
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))
+    tower = model.tower.parameters() if hasattr(model, "tower") else iter(())
+    tower_ids = {id(q) for q in tower}
+    groups = [{"params": [q for q in model.parameters() if id(q) not in tower_ids], "lr": cfg.lr}]
+    if tower_ids:
+        groups.append({"params": list(model.tower.parameters()), "lr": cfg.lr * cfg.tower_lr_mult})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     sched, sched_kind = _make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
 
@@ -228,21 +264,36 @@ def fit(
             stopped_early = True
             break
         model.train()
+        frozen = epoch <= cfg.freeze_epochs
+        if hasattr(model, "tower"):
+            # A frozen tower is a fixed feature extractor: no gradients, BatchNorm statistics kept.
+            model.tower.requires_grad_(not frozen)
+            model.tower.train(not frozen)
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
+        digit_correct = torch.zeros((), device=device)
         norm_sum = torch.zeros((), device=device)
         seen = 0
         for step in range(steps):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = xs[idx].float().div_(255)
             yb = ys[idx]
+            db = ds[idx] if aux else None
             if cfg.augment:
-                xb, yb = augment_batch(xb, yb, gen)
+                xb, yb, db = augment_batch(xb, yb, gen, digits=db)
             with autocast(device, dtype):
-                logits = model(xb)
+                if aux:
+                    logits, dlog = model.forward_with_digits(xb)
+                else:
+                    logits = model(xb)
             loss = loss_fn(logits, yb)
+            if aux:
+                # Rows of dlog: every left half, then every right half.
+                dtarget = torch.cat([db[:, 0], db[:, 1]])
+                loss = loss + cfg.aux_digit_weight * torch.nn.functional.cross_entropy(dlog.float(), dtarget)
+                digit_correct += (dlog.detach().argmax(1) == dtarget).sum()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -264,7 +315,15 @@ def fit(
             "grad_norm": float(norm_sum) / steps,
             "lr": opt.param_groups[0]["lr"],
         }
-        metrics.update(evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size, amp=dtype))
+        if aux:
+            metrics["train_digit_acc"] = float(digit_correct) / (2 * seen)
+        if digits_val is not None:
+            vlogits, vdigits = predict_with_digits(model, xv, device=device, batch_size=cfg.eval_batch_size, amp=dtype)
+            metrics.update(metrics_from_logits(vlogits, yv, loss_fn=loss_fn))
+            metrics["val_digit_acc"] = float((vdigits.argmax(-1).numpy() == digits_val).mean())
+        else:
+            metrics.update(evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size,
+                                    amp=dtype))
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["pairs_per_s"] = seen / train_seconds
         if sched_kind == "epoch":

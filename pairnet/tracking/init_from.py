@@ -1,0 +1,46 @@
+"""``init_from``: resolve a registry URI to one exact version and fetch its weights.
+
+Weights come from the version's run checkpoint (``checkpoint/last.pt``, read with
+``torch.load(weights_only=True)``): the best-validation weights that were registered,
+with the model spec needed to check the architecture. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pairnet.errors import PairnetError
+from pairnet.tracking.registry import resolve_version
+from pairnet.train.loop import load_checkpoint
+
+CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
+
+
+@dataclass
+class InitSource:
+    uri: str  # the exact version, models:/name/version
+    run_id: str
+    state: dict
+    spec: dict
+
+
+def fetch_init_source(uri: str, client: MlflowClient | None = None) -> InitSource:
+    client = client or MlflowClient()
+    try:
+        mv = resolve_version(uri, client)
+    except PairnetError as err:
+        raise PairnetError(f"init_from: {err}; run the pretrain entry point first, or see `pairnet models`") from None
+    exact = f"models:/{mv.name}/{mv.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(mv.run_id, CHECKPOINT_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            raise PairnetError(f"{exact}: its run {mv.run_id} has no {CHECKPOINT_ARTIFACT}; init_from needs a "
+                               "model trained by a pairnet stage or pretrain") from None
+        ckpt = load_checkpoint(path)
+    state = ckpt.get("best_state") or ckpt["model"]
+    return InitSource(uri=exact, run_id=mv.run_id, state=state, spec=ckpt.get("spec", {}))
