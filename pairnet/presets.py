@@ -22,10 +22,11 @@ PRESETS: dict[str, dict] = {
     "quick": {
         "data_size": "quick",
         "train": dict(epochs=6, width_mult=0.5, feat_dim=128, batch_size=128, lr=2e-3, patience=3),
-        "pretrain": dict(epochs=8),
-        "finetune": dict(epochs=3, patience=0, tower_lr_mult=0.5),
+        "pretrain": dict(epochs=8, batch_size=64, lr=3e-3),
+        "finetune": dict(epochs=2, patience=0, lr=1e-3, tower_lr_mult=0.3),
     },
-    "full": {"data_size": "full", "train": {}, "pretrain": {}, "finetune": dict(epochs=30, patience=5, tower_lr_mult=0.5)},
+    "full": {"data_size": "full", "train": {}, "pretrain": {},
+             "finetune": dict(epochs=30, patience=5, tower_lr_mult=0.3)},
 }
 
 # Stage-specific recipe values (DESIGN.md): stage 1 trains 50 epochs with patience 5.
@@ -37,7 +38,10 @@ STAGE_RECIPE = {
     "stage3": dict(model_name="resnet_optimized_1.12", epochs=100, patience=10),
     "tune": dict(model_name="resnet_optimized", epochs=10, patience=0),
     # Stage 0: the tower learns to read digits (digit loss on both halves) and to compare them.
-    "pretrain": dict(model_name="resnet_optimized", epochs=30, patience=5, aux_digit_weight=1.0),
+    # No extra augmentation: the default data is already jittered and occluded, and the extra
+    # erase rectangle slowed learning (quick set, 8 epochs: val acc 0.857 without, 0.810 with).
+    "pretrain": dict(model_name="resnet_optimized", epochs=30, patience=5, aux_digit_weight=1.0,
+                     scheduler="onecycle", lr=3e-3, augment=False),
 }
 
 
