@@ -6,6 +6,7 @@ Every :class:`PairnetError` becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import logging
 import sys
@@ -74,10 +75,13 @@ def _cmd_data_preview(args) -> int:
 
 
 def _cmd_data_profile(args) -> int:
-    from pairnet.data.profile import profile_report
+    from pairnet.data.profile import REAL_PROFILE, profile_report
 
-    text, _ = profile_report(args.file, against=args.against, top=args.top)
+    against = REAL_PROFILE if args.against == "real" else args.against
+    text, result = profile_report(args.file, against=against, top=args.top)
     print(text)
+    if against is not None:
+        print(json.dumps({"realism_gap": result["realism_gap"], "statistics": result["statistics"]}))
     return 0
 
 
@@ -100,8 +104,8 @@ def _add_data(sub) -> None:
 
     p = data.add_parser("profile", help="image statistics of a pair file, optionally against a reference")
     p.add_argument("file")
-    p.add_argument("--against", help="a pair file or a profile JSON (default data: the real course data's profile, "
-                                     "'real')")
+    p.add_argument("--against", help="a pair file, a profile JSON, or 'real' (the real course data's statistics, "
+                                     "shipped with pairnet); prints the largest gaps and a JSON line with realism_gap")
     p.add_argument("--top", type=int, default=15, help="largest gaps to list")
     p.set_defaults(func=_cmd_data_profile)
 
