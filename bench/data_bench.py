@@ -1,4 +1,4 @@
-"""Time and peak memory for making the full default dataset.
+"""Time, peak memory and realism for making the full default dataset.
 
 Usage: python bench/data_bench.py [--size full] [--out DIR]
 Last line: a JSON object of the figures.
@@ -29,10 +29,14 @@ def main() -> None:
     pairs = sum(meta["counts"].values())
     print(f"made {pairs} pairs ({args.size}) in {seconds:.1f} s; peak RSS {peak_mb:.0f} MB")
     print(f"severity 6 train stats: {meta['stats']['train']}")
+    realism = meta.get("realism", {})
+    print(f"realism gap of the train split vs the real data's profile: {realism.get('realism_gap')} "
+          f"(largest: {realism.get('largest_gaps')})")
     print(json.dumps({
         "bench": "data", "size": args.size, "pairs": pairs, "seconds": round(seconds, 2),
         "pairs_per_s": round(pairs / seconds), "peak_rss_mb": round(peak_mb),
         "zero_share": meta["stats"]["train"]["zero_share"], "mean_pixel": meta["stats"]["train"]["mean_pixel"],
+        "realism_gap": realism.get("realism_gap"), "bases": meta["bases"],
     }))
 
 

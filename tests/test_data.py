@@ -12,8 +12,24 @@ import numpy as np
 import pytest
 
 from pairnet.cli import main
-from pairnet.data.generate import GenConfig, SIZES, make_dataset, split_pools
+from pairnet.data.generate import (
+    GENERATOR_VERSION,
+    POOL_SHARE,
+    SIZES,
+    GenConfig,
+    base_scans,
+    make_dataset,
+    split_pools,
+)
 from pairnet.data.pairs import load_pairs, write_npz
+from pairnet.data.profile import (
+    REAL_PROFILE,
+    compare,
+    load_reference,
+    profile,
+    profile_report,
+)
+from pairnet.errors import PairnetError
 
 
 def _good(n=8, **over):
@@ -188,16 +204,95 @@ def test_no_base_scan_shared_between_splits(tiny_data):
         p = load_pairs(tiny_data / f"{name}.npz")
         scans[name] = set(p.extras["scan_a"].tolist()) | set(p.extras["scan_b"].tolist())
     assert scans["train"].isdisjoint(scans["val"])
-    # The pools themselves, for every split, are disjoint and cover each class.
-    from sklearn.datasets import load_digits
 
-    pools = split_pools(load_digits().target, seed=3)
+
+@pytest.mark.parametrize("bases, per_class", [("mnist", 500), ("sklearn", None)])
+def test_pools_disjoint_and_cover_every_scan(bases, per_class):
+    _, targets = base_scans(bases)
+    pools = split_pools(targets, seed=3)
     seen = set()
     for split in pools.values():
         ids = set(np.concatenate(list(split.values())).tolist())
         assert seen.isdisjoint(ids)
         seen |= ids
-    assert len(seen) == 1797
+    assert len(seen) == targets.size
+    if per_class:  # MNIST: 500 scans per class, ~350 of them in the train pool
+        assert {p.size for p in pools["train"].values()} == {round(POOL_SHARE["train"] * per_class)} == {350}
+
+
+@pytest.mark.parametrize("bases", ["mnist", "sklearn"])
+def test_both_bases_make_a_valid_set(tmp_path, bases):
+    meta = make_dataset(tmp_path, GenConfig(size="tiny", seed=5, bases=bases))
+    saved = json.loads((tmp_path / "meta.json").read_text())
+    assert saved["bases"] == meta["bases"] == bases and saved["generator_version"] == GENERATOR_VERSION == 2
+    assert saved["config"]["bases"] == bases
+    train = load_pairs(tmp_path / "train.npz")
+    assert train.x.shape == (SIZES["tiny"]["train"], 28, 56) and train.y.mean() == 0.5
+    assert np.all((train.extras["digit_a"] > train.extras["digit_b"]) == (train.y == 1))
+    realism = saved["realism"]
+    assert realism["split"] == "train" and REAL_PROFILE.name in realism["gap_vs"]
+    assert realism["realism_gap"] == round(compare(profile(train.x), load_reference(REAL_PROFILE))[0], 4)
+
+
+def test_unknown_bases_names_the_choices(tmp_path):
+    with pytest.raises(PairnetError, match="unknown bases 'emnist'; choose one of mnist, sklearn"):
+        make_dataset(tmp_path, GenConfig(size="tiny", bases="emnist"))
+
+
+def test_severity_zero_is_clean_and_severity_raises_the_corruption(tmp_path):
+    zero = {}
+    for sev in (0, 6, 10):
+        meta = make_dataset(tmp_path / str(sev), GenConfig(size="tiny", seed=2, severity=sev))
+        zero[sev] = meta["stats"]["train"]["zero_share"]
+    assert zero[0] > 0.6  # clean digits on a black ground: no haze
+    assert 0.3 < zero[6] < 0.6
+
+
+# ------------------------------------------------------------------ profiling
+def test_profile_of_a_file_against_itself_is_zero(tiny_data):
+    text, figures = profile_report(tiny_data / "train.npz", against=tiny_data / "train.npz")
+    assert figures["realism_gap"] == 0.0 and figures["statistics"] > 100
+    assert "realism_gap 0.0000" in text
+
+
+def test_profile_report_against_the_shipped_real_profile(tiny_data, tmp_path):
+    text, figures = profile_report(tiny_data / "train.npz", against=REAL_PROFILE, top=5)
+    assert 0 < figures["realism_gap"] < 1 and len(figures["largest_gaps"]) == 5
+    assert len(text.splitlines()) == 1 + 5 + 1
+    # A profile written as JSON is a reference too, and gives the same gap as the file.
+    saved = tmp_path / "train_profile.json"
+    saved.write_text(json.dumps(figures["profile"]))
+    assert profile_report(tiny_data / "val.npz", against=saved)[1]["realism_gap"] == \
+        profile_report(tiny_data / "val.npz", against=tiny_data / "train.npz")[1]["realism_gap"]
+    plain, figures = profile_report(tiny_data / "val.npz")
+    assert "realism_gap" not in figures and "pixels_0_0" in plain
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "no such file"),
+        ("not json {", "not a pair .npz and not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"pixel_mean": "high"}', "statistic 'pixel_mean' is not a number"),
+        ('{"colour": 3}', "shares no statistic"),
+    ],
+    ids=["missing", "bad_json", "not_object", "not_number", "no_common_statistic"],
+)
+def test_profile_report_bad_reference_is_one_line(tiny_data, tmp_path, content, expected):
+    ref = tmp_path / "ref.json"
+    if content is not None:
+        ref.write_text(content)
+    with pytest.raises(PairnetError, match=expected) as exc:
+        profile_report(tiny_data / "train.npz", against=ref)
+    assert len(str(exc.value).splitlines()) == 1
+
+
+def test_profile_report_bad_file(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_text("hello")
+    with pytest.raises(PairnetError, match="not a readable .npz"):
+        profile_report(bad)
 
 
 def test_same_seed_byte_identical(tmp_path):

