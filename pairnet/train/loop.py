@@ -232,11 +232,12 @@ def fit(
         model.to(memory_format=torch.channels_last)
     # The fused kernel updates every parameter tensor in one pass instead of a Python
     # loop over ~100 small tensors (BatchNorm, SE, biases).
-    tower = model.tower.parameters() if hasattr(model, "tower") else iter(())
-    tower_ids = {id(q) for q in tower}
-    groups = [{"params": [q for q in model.parameters() if id(q) not in tower_ids], "lr": cfg.lr}]
-    if tower_ids:
-        groups.append({"params": list(model.tower.parameters()), "lr": cfg.lr * cfg.tower_lr_mult})
+    # Two parameter groups: the tower at lr × tower_lr_mult (fine-tuning), the rest at lr.
+    tower = list(model.tower.parameters()) if hasattr(model, "tower") else []
+    in_tower = {id(q) for q in tower}
+    groups = [{"params": [q for q in model.parameters() if id(q) not in in_tower], "lr": cfg.lr}]
+    if tower:
+        groups.append({"params": tower, "lr": cfg.lr * cfg.tower_lr_mult})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     sched, sched_kind = _make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
