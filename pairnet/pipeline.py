@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Stage 0 per preset: the variants pretrained with digit + pair losses.
 PRETRAIN = {
     "tiny": ("resnet_optimized",),
-    "quick": ("improved_v2", "resnet_optimized"),
+    "quick": ("resnet_optimized",),
     "full": ("improved_v2", "resnet_optimized", "resnet_optimized_1.12", "fpn_model"),
 }
 # (stage, variant, seed, init): the base models each preset trains; ``init`` is the
@@ -42,10 +42,10 @@ PLANS = {
     "tiny": [("stage2", "resnet_optimized", 42, "resnet_optimized"),
              ("stage3", "resnet_fusion", 42, "resnet_optimized"),
              ("stage2", "resnet_optimized", 42, None)],
-    "quick": [("stage1", "improved_v2", 42, "improved_v2"),
-              ("stage2", "resnet_optimized", 42, "resnet_optimized"),
+    "quick": [("stage2", "resnet_optimized", 42, "resnet_optimized"),
               ("stage2", "resnet_fusion", 42, "resnet_optimized"),
               ("stage3", "resnet_optimized", 2023, "resnet_optimized"),
+              ("stage3", "resnet_fusion", 2024, "resnet_optimized"),
               ("stage2", "resnet_optimized", 42, None)],
     "full": [("stage1", "improved_v2", 42, "improved_v2"),
              ("stage2", "resnet_optimized_1.12", 42, "resnet_optimized_1.12"),

@@ -113,9 +113,11 @@ def meta_features(probs: list[np.ndarray]) -> np.ndarray:
 def make_lgbm(seed: int):
     from lightgbm import LGBMClassifier
 
-    # Small trees and strong regularisation: the meta-learner sees only val (10k pairs
-    # at full size, far fewer at quick), and its inputs are already good predictors.
-    return LGBMClassifier(n_estimators=200, learning_rate=0.05, num_leaves=7, min_child_samples=20,
+    # Stumps-like trees and strong regularisation: the meta-learner sees only val (10k pairs
+    # at full size, 1,500 at quick), and its inputs are already good, correlated predictors.
+    # On the quick pipeline's four fine-tuned models, 5-fold out-of-fold accuracy was 0.863
+    # with 7 leaves / 20 per leaf / 200 trees and 0.876 with this setting (best single 0.877).
+    return LGBMClassifier(n_estimators=100, learning_rate=0.05, num_leaves=3, min_child_samples=50,
                           subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0,
                           random_state=seed, verbose=-1, n_jobs=2)
 
