@@ -4,8 +4,9 @@
    exactly as the ``pretrain`` stage's quick preset does.
 2. A "user's" set: another default set (different seed and severity) with its digit
    labels dropped, cut to 1,600 training and 400 validation pairs.
-3. Train the same variant on it twice, with the same epochs, batch and schedule: from
-   scratch, and started from the pretrained weights (``copy_matching``: the same
+3. Train the same variant on it twice, with the same epochs and batch: from scratch
+   (the stage's quick settings), and started from the pretrained weights with the
+   fine-tuning settings a stage gets with ``init_from`` (``copy_matching``: the same
    transfer ``init_from`` performs after fetching the registered checkpoint).
 
 Usage: python bench/transfer_bench.py [--epochs 15] [--user-seed 7] [--user-severity 7]
@@ -18,6 +19,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from pairnet.data.generate import FILES, GenConfig, make_dataset
 from pairnet.data.pairs import PairSet, load_pairs
 from pairnet.models import create_model
 from pairnet.models.transfer import copy_matching
-from pairnet.presets import build_config
+from pairnet.presets import FINETUNE, build_config
 from pairnet.train import fit, pick_device
 
 
@@ -64,10 +66,13 @@ def main() -> None:
     pretrain_s = time.perf_counter() - t0
     print(f"pretrained {args.variant}: val acc {pre.best_val_acc:.4f} on the default set in {pretrain_s:.0f} s")
 
-    # Same config for both small-set trainings; only the starting weights differ.
-    cfg = build_config("stage2", "quick", {"model_name": args.variant, "epochs": args.epochs, "patience": 0})
+    # Same variant, epochs, batch and data for both; from scratch uses the stage's quick
+    # settings, init_from the fine-tuning settings a stage gets with init_from set
+    # (presets.FINETUNE: a frozen-tower first epoch, the tower at lr x 0.05).
+    scratch_cfg = build_config("stage2", "quick", {"model_name": args.variant, "epochs": args.epochs, "patience": 0})
+    configs = {"scratch": scratch_cfg, "init_from": replace(scratch_cfg, **FINETUNE)}
     results = {}
-    for mode in ("scratch", "init_from"):
+    for mode, cfg in configs.items():
         torch.manual_seed(cfg.seed)
         model = create_model(args.variant, **cfg.model_overrides())
         if mode == "init_from":
@@ -83,6 +88,7 @@ def main() -> None:
         "bench": "transfer", "variant": args.variant, "device": str(dev), "n_train": len(utrain), "n_val": len(uval),
         "user_seed": args.user_seed, "user_severity": args.user_severity, "epochs": args.epochs,
         "pretrain_val_acc": round(pre.best_val_acc, 4), "pretrain_seconds": round(pretrain_s, 1),
+        "finetune": {k: getattr(configs["init_from"], k) for k in FINETUNE},
         "scratch_val_acc": results["scratch"]["best_val_acc"], "init_from_val_acc": results["init_from"]["best_val_acc"],
         "gain_points": round(100 * gain, 1), "runs": results,
     }))
