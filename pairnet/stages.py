@@ -19,6 +19,7 @@ from pairnet.data.generate import FILES, ensure_dataset
 from pairnet.data.pairs import PairSet, load_pairs
 from pairnet.errors import PairnetError
 from pairnet.models import create_model, model_from_spec
+from pairnet.models.transfer import copy_matching
 from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
@@ -28,8 +29,7 @@ from pairnet.tracking.lifecycle import managed_run, start_or_attach
 from pairnet.tracking.model import log_pair_model
 from pairnet.tracking.server import tracking_uri
 from pairnet.train.config import TrainConfig
-from pairnet.models.transfer import copy_matching
-from pairnet.train.loop import amp_dtype, digit_labels, evaluate, fit, load_checkpoint, pick_device
+from pairnet.train.loop import amp_dtype, digit_targets, evaluate, fit, load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         resume_state = _download_checkpoint(resume_run_id)
         cfg = TrainConfig.from_dict(resume_state["config"])
         tags["pairnet.resumed_from"] = resume_run_id
-    if cfg.aux_digit_weight > 0 and digit_labels(splits.train) is None:
-        raise PairnetError(f"aux_digit_weight {cfg.aux_digit_weight} needs digit labels (digit_a, digit_b arrays), "
-                           f"and {splits.train.source} has none: set aux_digit_weight 0")
+    digit_targets(cfg, splits.train)  # a digit loss without digit labels fails before any run opens
     # Seed before building: the initial weights follow cfg.seed, not the process's history.
     torch.manual_seed(cfg.seed)
     if resume_state:

@@ -126,6 +126,18 @@ def digit_labels(pairs: PairSet) -> np.ndarray | None:
     return np.stack([pairs.extras["digit_a"], pairs.extras["digit_b"]], axis=1).astype(np.int64)
 
 
+def digit_targets(cfg: TrainConfig, train: PairSet) -> np.ndarray | None:
+    """The training file's digit labels when the digit loss is on (None when it is off);
+    a clear error when it is on and the file has none."""
+    if cfg.aux_digit_weight <= 0:
+        return None
+    digits = digit_labels(train)
+    if digits is None:
+        raise PairnetError(f"aux_digit_weight {cfg.aux_digit_weight} needs digit labels (digit_a, digit_b arrays), "
+                           f"and {train.source} has none: set aux_digit_weight 0")
+    return digits
+
+
 def predict_proba(model: torch.nn.Module, x: np.ndarray, *, device: torch.device, batch_size: int = 1024,
                   amp: torch.dtype | None = None) -> np.ndarray:
     return torch.sigmoid(predict_logits(model, x, device=device, batch_size=batch_size, amp=amp)).numpy()
@@ -207,11 +219,8 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     dtype = amp_dtype(cfg.amp, device)
     loss_fn = make_loss(cfg)
-    aux = cfg.aux_digit_weight > 0
-    digits_train = digit_labels(train)
-    if aux and digits_train is None:
-        raise PairnetError(f"aux_digit_weight {cfg.aux_digit_weight} needs digit labels (digit_a, digit_b arrays), "
-                           f"and {train.source} has none: set aux_digit_weight 0")
+    digits_train = digit_targets(cfg, train)
+    aux = digits_train is not None
     if aux and getattr(model, "digit_head", None) is None:
         raise PairnetError("aux_digit_weight > 0 needs a model built with a digit head (create_model(..., digit_head=True))")
     digits_val = digit_labels(val) if aux else None
