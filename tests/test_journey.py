@@ -98,7 +98,7 @@ def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
         driver.get(f"{mlflow_server}/#/models")
         WebDriverWait(driver, 90).until(lambda d: "pairnet-stack" in d.find_element("tag name", "body").text)
         body = driver.find_element("tag name", "body").text
-        assert "pairnet-improved_v2" in body and "pairnet-stack" in body
+        assert "pairnet-pretrain-resnet_optimized" in body and "pairnet-stack" in body
         shot = shots / "ui_models.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
