@@ -24,12 +24,12 @@ from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
-from pairnet.tracking.init_from import CHECKPOINT_ARTIFACT, InitSource, fetch_init_source
+from pairnet.tracking.init_from import CHECKPOINT_ARTIFACT, InitSource, download_checkpoint, fetch_init_source
 from pairnet.tracking.lifecycle import managed_run, start_or_attach
 from pairnet.tracking.model import log_pair_model
 from pairnet.tracking.server import tracking_uri
 from pairnet.train.config import TrainConfig
-from pairnet.train.loop import amp_dtype, digit_targets, evaluate, fit, load_checkpoint, pick_device
+from pairnet.train.loop import amp_dtype, digit_targets, evaluate, fit, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +254,7 @@ def _download_checkpoint(run_id: str) -> dict:
         run = client.get_run(run_id)
     except Exception:
         raise PairnetError(f"run '{run_id}' not found on the tracking server; cannot resume it") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT, tmp)
-        except Exception:
-            raise PairnetError(f"run '{run_id}' has no '{CHECKPOINT_ARTIFACT}' artifact to resume from") from None
-        return load_checkpoint(path)
+    return download_checkpoint(run.info.run_id, client, purpose="to resume from")
 
 
 def find_resumable(stage: str, model_name: str, seed: int) -> str:

@@ -28,6 +28,18 @@ class InitSource:
     spec: dict
 
 
+def download_checkpoint(run_id: str, client: MlflowClient | None = None, *, purpose: str) -> dict:
+    """A run's ``checkpoint/last.pt``, loaded with ``weights_only=True``; ``purpose`` ends the
+    error message ("to resume from", "for init_from")."""
+    client = client or MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            raise PairnetError(f"run '{run_id}' has no '{CHECKPOINT_ARTIFACT}' artifact {purpose}") from None
+        return load_checkpoint(path)
+
+
 def fetch_init_source(uri: str, client: MlflowClient | None = None) -> InitSource:
     client = client or MlflowClient()
     try:
@@ -35,12 +47,7 @@ def fetch_init_source(uri: str, client: MlflowClient | None = None) -> InitSourc
     except PairnetError as err:
         raise PairnetError(f"init_from: {err}; run the pretrain entry point first, or see `pairnet models`") from None
     exact = f"models:/{mv.name}/{mv.version}"
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(mv.run_id, CHECKPOINT_ARTIFACT, tmp)
-        except (MlflowException, OSError):
-            raise PairnetError(f"{exact}: its run {mv.run_id} has no {CHECKPOINT_ARTIFACT}; init_from needs a "
-                               "model trained by a pairnet stage or pretrain") from None
-        ckpt = load_checkpoint(path)
+    ckpt = download_checkpoint(mv.run_id, client, purpose=f"for init_from {exact} (train it with a pairnet stage "
+                                                          "or pretrain)")
     state = ckpt.get("best_state") or ckpt["model"]
     return InitSource(uri=exact, run_id=mv.run_id, state=state, spec=ckpt.get("spec", {}))
