@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pairnet.data.generate import GenConfig, make_dataset
+from pairnet.data.pairs import load_pairs
+from pairnet.train import TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +15,20 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_data")
     make_dataset(out, GenConfig(size="tiny", seed=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def splits(tiny_data):
+    """(train, val) of the tiny default dataset."""
+    return load_pairs(tiny_data / "train.npz"), load_pairs(tiny_data / "val.npz")
+
+
+def small_config(**over) -> TrainConfig:
+    """A training config that runs in seconds on the CPU: tiny widths, 3 steps an epoch, fp32."""
+    base = dict(model_name="compare_cnn", width_mult=0.25, feat_dim=16, epochs=4, batch_size=64, patience=0,
+                max_steps_per_epoch=3, amp="off", eval_batch_size=128, seed=5)
+    base.update(over)
+    return TrainConfig(**base)
 
 
 import os

@@ -7,26 +7,18 @@ import pytest
 import torch
 
 from pairnet.data.augment import augment_batch
-from pairnet.data.pairs import load_pairs
 from pairnet.errors import PairnetError
 from pairnet.models import create_model
-from pairnet.train import Callback, TrainConfig, fit, load_checkpoint, pick_device, predict_proba
+from pairnet.train import Callback, fit, load_checkpoint, pick_device, predict_proba
 from pairnet.train.losses import focal_loss
+
+from conftest import small_config
 
 EPOCH_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "val_precision", "val_recall", "val_auc",
               "lr", "grad_norm", "epoch_seconds", "pairs_per_s"}
 
 
-def _cfg(**over):
-    base = dict(model_name="compare_cnn", width_mult=0.25, feat_dim=16, epochs=4, batch_size=64, patience=0,
-                max_steps_per_epoch=3, amp="off", eval_batch_size=128, seed=5)
-    base.update(over)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def splits(tiny_data):
-    return load_pairs(tiny_data / "train.npz"), load_pairs(tiny_data / "val.npz")
+_cfg = small_config
 
 
 class Recorder(Callback):

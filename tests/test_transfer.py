@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from pairnet.data.pairs import PairSet, load_pairs
+from pairnet.data.pairs import PairSet
 from pairnet.errors import PairnetError
 from pairnet.models import create_model
 from pairnet.models.transfer import copy_matching
 from pairnet.presets import build_config
 from pairnet.train import TrainConfig, fit, load_checkpoint, pick_device
 
-
-def _cfg(**over):
-    base = dict(model_name="resnet_optimized", width_mult=0.25, feat_dim=16, epochs=2, batch_size=64, patience=0,
-                max_steps_per_epoch=3, amp="off", eval_batch_size=128, seed=5)
-    base.update(over)
-    return TrainConfig(**base)
+from conftest import small_config
 
 
-@pytest.fixture(scope="module")
-def splits(tiny_data):
-    return load_pairs(tiny_data / "train.npz"), load_pairs(tiny_data / "val.npz")
+def _cfg(**over) -> TrainConfig:
+    return small_config(**{"model_name": "resnet_optimized", "epochs": 2, **over})
 
 
 def _without_digits(p: PairSet) -> PairSet:
