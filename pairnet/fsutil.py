@@ -1,0 +1,82 @@
+"""Writes that never leave a torn or half-written file, and folder locks.
+
+Every file pairnet writes (pair files, CSVs, meta.json, pid files, checkpoints) goes to
+a unique temporary file in the destination's folder first and is then renamed over the
+destination with ``os.replace``, which is atomic on one file system: a reader sees the
+old file or the new one, never a mix, and a crash leaves at most a ``.tmp`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from pairnet.errors import PairnetError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path``; on success it replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+class FolderBusy(PairnetError):
+    """Another pairnet process holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.pairnet.lock`` file inside it).
+
+    ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` names the
+    folder and what the caller wanted to do. The lock is an ``flock`` on an open file, so
+    the kernel releases it when the holder exits, however it exits (SIGKILL included).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".pairnet.lock", "a+")
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise FolderBusy(f"{folder} is in use by another pairnet process (data being made or a "
+                                     f"pipeline step running); cannot {what} now — wait for it to finish") from None
+                time.sleep(0.2)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()} {what}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing the descriptor releases the flock
