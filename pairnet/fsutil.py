@@ -45,6 +45,10 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+LOCK_NAME = ".pairnet.lock"
+_HELD: dict[str, int] = {}  # folders this process has locked, with a nesting count
+
+
 class FolderBusy(PairnetError):
     """Another pairnet process holds the folder's lock."""
 
@@ -59,7 +63,15 @@ def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fh = open(folder / ".pairnet.lock", "a+")
+    key = str(folder.resolve())
+    if key in _HELD:  # this process holds it already (a pipeline making its data): re-entrant
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    fh = open(folder / LOCK_NAME, "a+")
     deadline = time.monotonic() + wait_s
     try:
         while True:
@@ -77,6 +89,10 @@ def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[
         fh.truncate()
         fh.write(f"{os.getpid()} {what}\n")
         fh.flush()
-        yield
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
     finally:
         fh.close()  # closing the descriptor releases the flock

@@ -8,21 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pairnet.data.pairs import load_pairs
+from pairnet.data.pairs import load_pairs, write_labels_csv
 from pairnet.errors import PairnetError
 
 DEFAULT_MODEL = "models:/pairnet-stack@champion"
 
 
 def load_model(uri: str):
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    """A pairnet model (pair or stack) loaded without pickle; see tracking.model.load_trusted."""
+    from pairnet.tracking.model import load_trusted
 
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except MlflowException as err:
-        first = str(err).strip().splitlines()[0]
-        raise PairnetError(f"cannot load model '{uri}': {first}") from None
+    return load_trusted(uri)
 
 
 def probabilities(model, x: np.ndarray) -> np.ndarray:
@@ -33,12 +29,27 @@ def probabilities(model, x: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
+def check_out_path(out: str | Path, *inputs: str | Path | None) -> Path:
+    """Refuse an output path that would overwrite an input or a pair file."""
+    out = Path(out)
+    if out.suffix.lower() == ".npz":
+        raise PairnetError(f"--out {out} ends in .npz: predictions are a CSV; refusing to write over a pair file "
+                           "(use e.g. --out pred.csv)")
+    if out.is_dir():
+        raise PairnetError(f"--out {out} is a folder; give a CSV file path")
+    for item in inputs:
+        if item is not None and Path(item).exists() and out.exists() and out.resolve() == Path(item).resolve():
+            raise PairnetError(f"--out {out} is one of the inputs; refusing to overwrite it")
+    return out
+
+
 def predict_file(model_uri: str, data: str | Path, out: str | Path) -> int:
+    """Predict every pair of ``data`` (in batches) and write ``id,label`` to ``out`` atomically."""
+    out = check_out_path(out, data)
+    model = load_model(model_uri)  # a bad URI fails before the data is read
     pairs = load_pairs(data)
-    prob = probabilities(load_model(model_uri), pairs.x)
-    labels = (prob >= 0.5).astype(int)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"id": pairs.ids_or_index(), "label": labels}).to_csv(out, index=False)
+    labels = (probabilities(model, pairs.x) >= 0.5).astype(int)
+    write_labels_csv(out, pairs.ids_or_index(), labels)
     return len(labels)
 
 

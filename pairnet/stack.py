@@ -21,9 +21,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pairnet.data.generate import FILES
-from pairnet.data.pairs import PairSet, load_pairs
+from pairnet.data.pairs import PairSet, load_pairs, write_npz
 from pairnet.errors import PairnetError
 from pairnet.tracking import registry
+from pairnet.tracking.model import KIND_TAG, check_version, load_trusted
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[B
     out = []
     if spec.strip():
         for uri in (u.strip() for u in spec.split(",") if u.strip()):
-            mv = registry.resolve_version(uri, client)
+            mv = check_version(uri, client)  # a model pairnet did not log is refused here
+            if (mv.tags or {}).get(KIND_TAG) == "stack":
+                raise PairnetError(f"{uri} is a stack, not a base model")
             out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
     else:
         for rm in client.search_registered_models(filter_string=f"name LIKE '{registry.PREFIX}%'", max_results=1000):
@@ -64,6 +67,7 @@ def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[B
             if mv is None:
                 log.warning("skipping %s: it has no '%s' alias", rm.name, registry.CHAMPION)
                 continue
+            mv = check_version(f"models:/{mv.name}/{mv.version}", client)
             out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
         if not out:
             raise PairnetError("no registered pairnet-* model has a 'champion' alias; train stages 1-3 first")
@@ -93,10 +97,10 @@ def base_probabilities(base: BaseModel, splits: dict[str, PairSet], digest: str,
                 return cached
         except (MlflowException, OSError):
             pass
-        model = mlflow.pyfunc.load_model(base.uri)
-        probs = {name: np.asarray(model.predict(p.x), dtype=np.float32).reshape(-1) for name, p in splits.items()}
+        model = load_trusted(base.uri, client)
+        probs = {name: model.predict(p.x) for name, p in splits.items()}
         out = Path(tmp) / f"{base.key}-{digest}.npz"
-        np.savez(out, **probs)
+        write_npz(out, probs)
         client.log_artifact(base.run_id, str(out), artifact_path="stack_cache")
     return probs
 
@@ -164,7 +168,7 @@ def run_stack(req: StackRequest) -> dict:
     from pairnet import plots
     from pairnet.stages import setup_tracking
     from pairnet.tracking.lifecycle import managed_run, start_or_attach
-    from pairnet.tracking.model import SIGNATURE
+    from pairnet.tracking.model import SERVING, SIGNATURE, copy_model_artifacts, mark_version, requirements
     from pairnet.tracking.server import tracking_uri
 
     if req.n_folds < 2:
@@ -235,19 +239,21 @@ def run_stack(req: StackRequest) -> dict:
                 pd.DataFrame({"id": ids, "label": (p >= 0.5).astype(int)}).to_csv(tmp / "submission_private.csv",
                                                                                  index=False)
             mlflow.log_artifacts(str(tmp))
-            artifacts = {"lineage": str(tmp / "lineage.json"), "meta_model": str(tmp / "meta_model.txt")}
+            # The served stack: exactly these base versions' weights, the booster and the lineage.
             for b in bases:
-                artifacts[b.key] = mlflow.artifacts.download_artifacts(artifact_uri=b.uri, dst_path=str(tmp / b.key))
+                copy_model_artifacts(b.uri, tmp / "bases" / b.key, client)
+            artifacts = {"lineage": str(tmp / "lineage.json"), "meta_model": str(tmp / "meta_model.txt"),
+                         "bases": str(tmp / "bases")}
             output = mlflow.models.ModelSignature(
                 inputs=SIGNATURE.inputs,
                 outputs=mlflow.types.Schema([mlflow.types.ColSpec("long", "label"),
                                              mlflow.types.ColSpec("double", "probability")]),
             )
-            from pairnet.tracking.ensemble import StackedEnsemble
-
-            info = mlflow.pyfunc.log_model(name="model", python_model=StackedEnsemble(), artifacts=artifacts,
-                                           signature=output, registered_model_name=registry.STACK_NAME,
-                                           pip_requirements=["lightgbm", "pandas", "numpy", "torch", "pairnet"])
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING / "stack_pyfunc.py"),
+                                           artifacts=artifacts, signature=output,
+                                           registered_model_name=registry.STACK_NAME,
+                                           pip_requirements=requirements("lightgbm", "pandas"))
+            mark_version(registry.STACK_NAME, info, "stack")
         version = str(info.registered_model_version)
         registry.tag_version(registry.STACK_NAME, version, {
             "val_acc": f"{cv_acc:.6f}", "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# No path in pairnet may unpickle a model: MLflow refuses pickled pyfuncs with this set,
+# and every subprocess the tests start (mlflow run, pairnet ...) inherits it.
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
 import pytest
 
 from pairnet.data.generate import GenConfig, make_dataset

