@@ -168,7 +168,7 @@ def run_stack(req: StackRequest) -> dict:
     from pairnet import plots
     from pairnet.stages import setup_tracking
     from pairnet.tracking.lifecycle import managed_run, start_or_attach
-    from pairnet.tracking.model import SERVING, SIGNATURE, copy_model_artifacts, mark_version, requirements
+    from pairnet.tracking.model import PYFUNC_CODE, SIGNATURE, copy_model_artifacts, mark_version, requirements
     from pairnet.tracking.server import tracking_uri
 
     if req.n_folds < 2:
@@ -249,7 +249,7 @@ def run_stack(req: StackRequest) -> dict:
                 outputs=mlflow.types.Schema([mlflow.types.ColSpec("long", "label"),
                                              mlflow.types.ColSpec("double", "probability")]),
             )
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING / "stack_pyfunc.py"),
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
                                            artifacts=artifacts, signature=output,
                                            registered_model_name=registry.STACK_NAME,
                                            pip_requirements=requirements("lightgbm", "pandas"))

@@ -1,8 +1,8 @@
 """Logging and loading pairnet models, pickle-free.
 
-Logged format: an MLflow *models-from-code* pyfunc (``pairnet/serving/pair_pyfunc.py``
-or ``stack_pyfunc.py``) whose artifacts are safetensors weights, a JSON spec and, for
-the stack, a LightGBM text model — so ``mlflow.pyfunc.load_model(uri)`` works with
+Logged format: an MLflow *models-from-code* pyfunc (``pairnet/serving/pyfunc.py``) whose
+artifacts are safetensors weights, a JSON spec and, for the stack, a LightGBM text
+model — so ``mlflow.pyfunc.load_model(uri)`` works with
 ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``. Every registered version is tagged
 ``pairnet.format``.
 
@@ -35,7 +35,7 @@ from pairnet.serving.predictors import LINEAGE, SPEC, WEIGHTS
 FORMAT_TAG = "pairnet.format"
 FORMAT = "safetensors-v1"
 KIND_TAG = "pairnet.kind"  # pair | stack
-SERVING = Path(__file__).resolve().parents[1] / "serving"
+PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "pyfunc.py"
 
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 56))]),
@@ -52,7 +52,7 @@ def log_pair_model(model: PairModel, example: np.ndarray, registered_name: str |
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pair_dir(model, Path(tmp) / "pair")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(SERVING / "pair_pyfunc.py"),
+            name="model", python_model=str(PYFUNC_CODE),
             artifacts={"weights": str(folder / WEIGHTS), "spec": str(folder / SPEC)},
             signature=SIGNATURE, input_example=np.ascontiguousarray(example[:2]),
             registered_model_name=registered_name, pip_requirements=requirements(),

@@ -1,0 +1,32 @@
+"""MLflow models-from-code definition of every pairnet model (``mlflow.pyfunc.load_model``).
+
+MLflow stores this file with the model and runs it at load time. The artifacts are
+safetensors weights with a JSON spec (a pair model) or, for the stack, those plus a
+LightGBM text model and ``lineage.json``; so loading needs no pickle
+(MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false works). A pair model returns probabilities
+(N,); the stack a DataFrame with ``label`` and ``probability``. The ``pairnet`` package
+must be importable where the model is loaded.
+"""
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class PairnetPyfunc(PythonModel):
+    """uint8 pairs (N, 28, 56) → the predictor's output."""
+
+    def load_context(self, context):
+        from pathlib import Path
+
+        from pairnet.serving.predictors import PairPredictor, StackPredictor
+
+        if "lineage" in context.artifacts:
+            self.predictor = StackPredictor.load(Path(context.artifacts["lineage"]).parent)
+        else:
+            self.predictor = PairPredictor.load(Path(context.artifacts["weights"]).parent)
+
+    def predict(self, context, model_input, params=None):
+        return self.predictor.predict(model_input)
+
+
+mlflow.models.set_model(PairnetPyfunc())
