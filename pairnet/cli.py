@@ -370,6 +370,29 @@ def _add_stack(sub) -> None:
     p.set_defaults(func=_cmd_check_submission)
 
 
+# ---------------------------------------------------------------- runs
+def _cmd_runs_sweep(args) -> int:
+    from pairnet.tracking.server import tracking_uri
+
+    import mlflow
+
+    from pairnet.tracking.lifecycle import sweep_orphans
+
+    mlflow.set_tracking_uri(tracking_uri())
+    swept = sweep_orphans()
+    for run_id, reason in swept:
+        print(f"{run_id}: FAILED — {reason}")
+    print(f"swept {len(swept)} orphaned run(s) on this host")
+    return 0
+
+
+def _add_runs(sub) -> None:
+    runs = sub.add_parser("runs", help="maintenance of MLflow runs").add_subparsers(dest="runs_cmd", required=True)
+    p = runs.add_parser("sweep", help="mark FAILED the RUNNING runs whose process on this host is gone "
+                                      "(SIGKILL, OOM killer, reboot); done at every start too")
+    p.set_defaults(func=_cmd_runs_sweep)
+
+
 # ---------------------------------------------------------------- pipeline
 def _cmd_pipeline(args) -> int:
     from pairnet.pipeline import PipelineRequest, run_pipeline
@@ -414,12 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_stack(sub)
     _add_pipeline(sub)
+    _add_runs(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar per artifact download; the stages draw their own.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from pairnet.tracking import configure_http
+
+    configure_http()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import CHECKPOINT_ARTIFACT, InitSource, download_checkpoint, fetch_init_source
-from pairnet.tracking.lifecycle import managed_run, start_or_attach
+from pairnet.tracking import configure_http
+from pairnet.tracking.lifecycle import managed_run, start_or_attach, sweep_orphans
 from pairnet.tracking.model import log_pair_model
 from pairnet.tracking.server import tracking_uri
 from pairnet.train.config import TrainConfig
@@ -69,8 +71,10 @@ class Splits:
 # ---------------------------------------------------------------- setup
 def setup_tracking() -> str:
     """Resolve the tracking URI (starting the local server if needed) and the experiment."""
+    configure_http()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    sweep_orphans()  # runs left RUNNING by a killed process on this host end FAILED
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     return uri
@@ -137,13 +141,12 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
     run_id = start_or_attach(run_name, tags, parent_run_id=parent_run_id)
     ckpt_dir = Path(tempfile.mkdtemp(prefix=f"pairnet-{run_id[:8]}-"))
     ckpt = ckpt_dir / "last.pt"
-
-    def log_last_checkpoint() -> None:
-        if ckpt.exists():
-            MlflowClient().log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
+    # Metrics and the checkpoint of every epoch go to the server from a background thread
+    # that buffers and retries: a server restart loses nothing, a killed run can resume.
+    callback = MlflowCallback(run_id)
 
     def on_interrupt() -> None:
-        log_last_checkpoint()
+        callback.close(timeout=120)
         log.warning("interrupted: run %s keeps its last checkpoint; continue it with resume=true or resume=%s",
                     run_id, run_id)
 
@@ -163,18 +166,21 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         _log_datasets(splits)
 
-        callback = MlflowCallback(run_id)
         if resume_state:  # the killed run's curves continue in this run
             for row in resume_state["history"]:
                 callback.on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
         from pairnet.progress import EpochBar
 
         bar = EpochBar(cfg.epochs, run_name, start=len(resume_state["history"]) if resume_state else 0)
-        result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback, bar],
-                     checkpoint_path=ckpt, resume=resume_state)
+        try:
+            result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback, bar],
+                         checkpoint_path=ckpt, resume=resume_state)
+        except Exception:
+            callback.close(timeout=120)  # the epochs that ran are on the server before the run ends FAILED
+            raise
         summary = _log_outcome(model, result, cfg, splits, dev, stage, registered, run_id,
                                init_uri=tags.get("pairnet.init_from"))
-        log_last_checkpoint()
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
 
 

@@ -1,7 +1,22 @@
-"""The bridge from the training loop to MLflow: per-epoch metrics with step=epoch."""
+"""The bridge from the training loop to MLflow: per-epoch metrics (step = epoch) and the
+checkpoint, sent by a background thread that buffers and retries.
+
+Training never waits for the tracking server and never dies because of it: each epoch's
+metrics are queued; a sender thread posts them with ``log_batch`` and, when the server
+is down (restarted, overloaded), keeps them and retries with back-off until they land.
+The newest checkpoint is uploaded the same way every ``checkpoint_every`` epochs (older
+queued checkpoints are superseded), so a run killed by SIGKILL, the OOM killer or a lost
+machine can be resumed from its last uploaded epoch. ``close()`` waits for the queue
+to drain.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -10,23 +25,117 @@ from mlflow.tracking import MlflowClient
 
 from pairnet.train.loop import Callback, FitResult
 
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+BACKOFF_S = (0.5, 1, 2, 5, 10)
+
 
 class MlflowCallback(Callback):
-    def __init__(self, run_id: str, client: MlflowClient | None = None):
+    def __init__(self, run_id: str, client: MlflowClient | None = None, *, checkpoint_every: int = 1,
+                 artifact_path: str = "checkpoint"):
         self.run_id = run_id
         self.client = client or MlflowClient()
+        self.checkpoint_every = checkpoint_every
+        self.artifact_path = artifact_path
         self.last_checkpoint: Path | None = None
+        self._metrics: list[Metric] = []
+        self._ckpt: Path | None = None  # a private snapshot waiting for upload
+        self._busy = False
+        self._failures = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._snapshots = Path(tempfile.mkdtemp(prefix=f"pairnet-upload-{run_id[:8]}-"))
+        self._thread = threading.Thread(target=self._loop, name=f"mlflow-sender-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ training thread
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        with self._lock:
+            self._metrics += [Metric(key, float(value), ts, step) for key, value in metrics.items()]
+        self._wake.set()
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        ts = int(time.time() * 1000)
-        batch = [Metric(key, float(value), ts, epoch) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self.log_metrics(metrics, epoch)
 
     def on_checkpoint(self, path: Path, epoch: int) -> None:
         self.last_checkpoint = path
+        if self.checkpoint_every and epoch % self.checkpoint_every == 0:
+            self.queue_checkpoint(path)
+
+    def queue_checkpoint(self, path: Path) -> None:
+        """Snapshot ``path`` (a hard link: the loop replaces the file, never rewrites it) for upload."""
+        snap = Path(tempfile.mkdtemp(dir=self._snapshots)) / Path(path).name
+        try:
+            os.link(path, snap)
+        except OSError:
+            shutil.copy2(path, snap)
+        with self._lock:
+            old, self._ckpt = self._ckpt, snap
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
+        self._wake.set()
 
     def on_fit_end(self, result: FitResult) -> None:
-        ts = int(time.time() * 1000)
-        final = [Metric(f"final_{k}", float(v), ts, 0) for k, v in result.final.items()]
-        final += [Metric("best_epoch", float(result.best_epoch), ts, 0)]
-        self.client.log_batch(self.run_id, metrics=final, synchronous=True)
+        final = {f"final_{k}": v for k, v in result.final.items()}
+        final["best_epoch"] = float(result.best_epoch)
+        self.log_metrics(final, 0)
+        self.close()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._metrics) + (self._ckpt is not None) + self._busy
+
+    def close(self, timeout: float = 600.0) -> bool:
+        """Wait until everything queued reached the server (True) or ``timeout`` passed (False)."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self.pending() and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        left = self.pending()
+        if not left:
+            shutil.rmtree(self._snapshots, ignore_errors=True)
+        else:
+            log.warning("run %s: %d metric/checkpoint uploads still pending after %.0f s", self.run_id, left, timeout)
+        return not left
+
+    # ------------------------------------------------------------ sender thread
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while self.pending():
+                if self._send_once():
+                    self._failures = 0
+                else:
+                    delay = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
+                    self._failures += 1
+                    time.sleep(delay)
+
+    def _send_once(self) -> bool:
+        with self._lock:
+            batch, self._metrics = self._metrics[:MAX_BATCH], self._metrics[MAX_BATCH:]
+            ckpt = None if batch else self._ckpt
+            self._busy = True
+        try:
+            if batch:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            elif ckpt is not None:
+                self.client.log_artifact(self.run_id, str(ckpt), artifact_path=self.artifact_path)
+                with self._lock:
+                    if self._ckpt == ckpt:
+                        self._ckpt = None
+                shutil.rmtree(ckpt.parent, ignore_errors=True)
+            return True
+        except Exception as err:  # the server is down or refused: keep everything, retry later
+            if batch:
+                with self._lock:
+                    self._metrics = batch + self._metrics
+            if self._failures == 0:
+                log.warning("tracking server unavailable (%s); buffering and retrying", str(err).splitlines()[0][:200])
+            return False
+        finally:
+            with self._lock:
+                self._busy = False

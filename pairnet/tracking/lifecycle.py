@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
 from typing import Callable, Iterator
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from pairnet.proc import TAG_PREFIX, ProcessId
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,10 @@ def start_or_attach(run_name: str, tags: dict, nested: bool = False, parent_run_
     """Start a run (or attach to MLFLOW_RUN_ID inside ``mlflow run``); return its id.
 
     Children are attached with an explicit parent id so that nesting holds both inside
-    and outside ``mlflow run``.
+    and outside ``mlflow run``. Every run is tagged with the process that owns it (host,
+    pid, start time), so that :func:`sweep_orphans` can end it if that process dies.
     """
+    tags = {**tags, **ProcessId.current().as_tags()}
     if parent_run_id is not None:
         run = mlflow.start_run(run_name=run_name, tags=tags, nested=True, parent_run_id=parent_run_id,
                                log_system_metrics=True)
@@ -81,3 +86,36 @@ def start_or_attach(run_name: str, tags: dict, nested: bool = False, parent_run_
         if run.info.run_name != run_name:
             MlflowClient().set_tag(run.info.run_id, "mlflow.runName", run_name)
     return run.info.run_id
+
+
+SWEPT_TAG = "pairnet.swept"
+
+
+def sweep_orphans(client: MlflowClient | None = None) -> list[tuple[str, str]]:
+    """End FAILED every RUNNING run of this host whose owning process is gone.
+
+    A run hit by SIGKILL, the OOM killer or a reboot cannot end itself; its tags name
+    the process (host, pid, start time), and a pid now dead, or reused by another
+    process, means nobody will ever end it. Runs owned by other hosts are left alone.
+    Returns (run id, reason) for each run swept.
+    """
+    client = client or MlflowClient()
+    me = ProcessId.current()
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    if not exp_ids:
+        return []
+    runs = client.search_runs(exp_ids, filter_string=(f"attributes.status = 'RUNNING' and "
+                                                      f"tags.`{TAG_PREFIX}host` = '{me.host}'"), max_results=1000)
+    swept = []
+    for run in runs:
+        owner = ProcessId.from_tags(run.data.tags)
+        if owner is None or owner.alive():
+            continue
+        reason = (f"process {owner.describe()} (started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.started))}) "
+                  f"is gone; swept by pid {me.pid} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        client.set_tag(run.info.run_id, SWEPT_TAG, reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        log.warning("run %s (%s) was left RUNNING by a dead process: marked FAILED", run.info.run_id,
+                    run.data.tags.get("mlflow.runName", "?"))
+        swept.append((run.info.run_id, reason))
+    return swept
