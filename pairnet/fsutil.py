@@ -50,16 +50,16 @@ class FolderBusy(PairnetError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (a ``.pairnet.lock`` file inside it).
+def file_lock(path: str | Path, busy: str, wait_s: float = 0.0, note: str = "") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing).
 
-    ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` names the
-    folder and what the caller wanted to do. The lock is an ``flock`` on an open file, so
-    the kernel releases it when the holder exits, however it exits (SIGKILL included).
+    ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` with the
+    one-line message ``busy``. ``note`` is written into the file for whoever looks. The
+    kernel releases the lock when the holder exits, however it exits (SIGKILL included).
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fh = open(folder / ".pairnet.lock", "a+")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
     deadline = time.monotonic() + wait_s
     try:
         while True:
@@ -70,13 +70,24 @@ def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
-                    raise FolderBusy(f"{folder} is in use by another pairnet process (data being made or a "
-                                     f"pipeline step running); cannot {what} now — wait for it to finish") from None
+                    raise FolderBusy(busy) from None
                 time.sleep(0.2)
         fh.seek(0)
         fh.truncate()
-        fh.write(f"{os.getpid()} {what}\n")
+        fh.write(f"{os.getpid()} {note}\n")
         fh.flush()
         yield
     finally:
         fh.close()  # closing the descriptor releases the flock
+
+
+def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> contextlib.AbstractContextManager[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.pairnet.lock`` file inside it).
+
+    ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` names the
+    folder and what the caller wanted to do.
+    """
+    folder = Path(folder)
+    return file_lock(folder / ".pairnet.lock", wait_s=wait_s, note=what,
+                     busy=f"{folder} is in use by another pairnet process (data being made or a pipeline step "
+                          f"running); cannot {what} now — wait for it to finish")
