@@ -27,8 +27,9 @@ PAIRNET = [sys.executable, "-m", "pairnet.cli"]
 ADMIN_PASSWORD = "pairnet-test-admin-pw"  # 12+ characters, as MLflow's basic auth demands
 
 
-def pairnet(data_dir, *args, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ if env is None else env, PAIRNET_DATA_DIR=str(data_dir))
+def pairnet(data_dir, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`pairnet ARGS` as a user runs it, with its data (and server folder) under ``data_dir``."""
+    env = dict(os.environ, PAIRNET_DATA_DIR=str(data_dir))
     return subprocess.run(PAIRNET + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
