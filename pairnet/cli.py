@@ -124,14 +124,21 @@ def _cmd_server(args) -> int:
     from pairnet.tracking import server
 
     if args.action == "start":
-        info = server.start(args.port)
-        print(f"MLflow tracking server running at {info.url} (pid {info.pid}); UI: {info.url}")
+        info = server.start(args.port, args.host, backend_store_uri=args.backend_store_uri,
+                            artifacts_destination=args.artifacts_destination, allowed_hosts=args.allowed_hosts,
+                            auth=args.auth, auth_config=args.auth_config)
+        print(f"MLflow tracking server running at {info.url} (pid {info.pid}, store {info.store}); UI: {info.url}")
         print(f"export MLFLOW_TRACKING_URI={info.url}")
+        if info.auth:
+            print("basic auth is on: clients export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     elif args.action == "stop":
         print("stopped" if server.stop(args.port) else f"no pairnet server running on port {args.port}")
     else:
-        info = server.status(args.port)
-        print(f"{info.url}: {'running' if info.running else 'not running'} (store {info.store}, log {info.log_file})")
+        info = server.status(args.port, args.host)
+        state = "running" if info.running else "not running"
+        print(f"{info.url}: {state}{' with basic auth' if info.auth else ''} (store {info.store}, log {info.log_file})")
+        if info.stale:
+            print(info.stale)
         return 0 if info.running else 1
     return 0
 
@@ -140,6 +147,17 @@ def _add_server(sub) -> None:
     p = sub.add_parser("server", help="start, stop or check the local MLflow tracking server")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (start); 0.0.0.0 serves other machines: add --allowed-hosts and --auth")
+    p.add_argument("--backend-store-uri", help="where runs and the registry live (start); default: "
+                                               "sqlite:///<data>/mlflow/mlflow.db; e.g. postgresql://user:pw@host/db")
+    p.add_argument("--artifacts-destination", help="where the server stores artifacts (start); default: "
+                                                   "<data>/mlflow/artifacts; a folder or e.g. s3://bucket/path")
+    p.add_argument("--allowed-hosts", help="Host headers the server accepts, comma-separated (start; passed to "
+                                           "mlflow server); needed when clients reach a non-loopback --host by name")
+    p.add_argument("--auth", action="store_true", help="MLflow basic auth (start; needs pip install 'pairnet[auth]'; "
+                                                        "the first start needs MLFLOW_AUTH_ADMIN_PASSWORD)")
+    p.add_argument("--auth-config", help="a basic_auth.ini of your own (start; implies --auth)")
     p.set_defaults(func=_cmd_server)
 
 

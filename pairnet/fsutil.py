@@ -46,7 +46,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 LOCK_NAME = ".pairnet.lock"
-_HELD: dict[str, int] = {}  # folders this process has locked, with a nesting count
+_HELD: dict[str, int] = {}  # lock files this process holds, with a nesting count
 
 
 class FolderBusy(PairnetError):
@@ -54,16 +54,16 @@ class FolderBusy(PairnetError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (a ``.pairnet.lock`` file inside it).
+def file_lock(path: str | Path, busy: str, wait_s: float = 0.0, note: str = "") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing).
 
-    ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` names the
-    folder and what the caller wanted to do. The lock is an ``flock`` on an open file, so
-    the kernel releases it when the holder exits, however it exits (SIGKILL included).
+    ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` with the
+    one-line message ``busy``. ``note`` is written into the file for whoever looks. The
+    kernel releases the lock when the holder exits, however it exits (SIGKILL included).
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    key = str(folder.resolve())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
     if key in _HELD:  # this process holds it already (a pipeline making its data): re-entrant
         _HELD[key] += 1
         try:
@@ -71,7 +71,7 @@ def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[
         finally:
             _HELD[key] -= 1
         return
-    fh = open(folder / LOCK_NAME, "a+")
+    fh = open(path, "a+")
     deadline = time.monotonic() + wait_s
     try:
         while True:
@@ -82,12 +82,11 @@ def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
-                    raise FolderBusy(f"{folder} is in use by another pairnet process (data being made or a "
-                                     f"pipeline step running); cannot {what} now — wait for it to finish") from None
+                    raise FolderBusy(busy) from None
                 time.sleep(0.2)
         fh.seek(0)
         fh.truncate()
-        fh.write(f"{os.getpid()} {what}\n")
+        fh.write(f"{os.getpid()} {note}\n")
         fh.flush()
         _HELD[key] = 1
         try:
@@ -96,3 +95,15 @@ def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> Iterator[
             del _HELD[key]
     finally:
         fh.close()  # closing the descriptor releases the flock
+
+
+def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> contextlib.AbstractContextManager[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.pairnet.lock`` file inside it).
+
+    ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` names the
+    folder and what the caller wanted to do.
+    """
+    folder = Path(folder)
+    return file_lock(folder / LOCK_NAME, wait_s=wait_s, note=what,
+                     busy=f"{folder} is in use by another pairnet process (data being made or a pipeline step "
+                          f"running); cannot {what} now — wait for it to finish")
