@@ -288,6 +288,9 @@ def _spawn(f: dict[str, Path], port: int, host: str, wait_s: float, backend_stor
     artifacts = _local_path(artifacts_destination or str(f["artifacts"]))
     # The store URI goes in the environment, not on the command line, where `ps` would show its password.
     env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=backend)
+    # MLflow's background job runners (GenAI evaluation jobs) are unused by pairnet and add
+    # ~8 processes and seconds of start-up; a user can turn them back on with the variable.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     cmd = [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", artifacts,
            "--host", host, "--port", str(port), "--workers", "1"]
     if allowed_hosts:
