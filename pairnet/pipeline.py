@@ -1,9 +1,13 @@
 """The whole recipe as one MLflow run: data → stage1 → stage2 variants → stage3 →
 stack → predict, each step a child run of one pipeline run.
 
-A step whose earlier run FINISHED with the same parameters, code version and data
-digest is reused instead of rerun (the user is told which): its key is a hash of all
-three, stored on the run as the tag ``pairnet.step_key``.
+A step whose earlier run FINISHED with the same key is reused instead of rerun (the
+user is told which). The key, stored on the run as the tag ``pairnet.step_key``, hashes
+the step's parameters, the code version, the digest of every file the step reads (test
+files included), the resolved device and AMP dtype, and the versions of torch, mlflow,
+lightgbm and scikit-learn. A reused step whose registered version was deleted, or whose
+predictions file changed, reruns. The whole pipeline holds the data folder's lock, so
+two pipelines on one folder never interleave.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pairnet.data.generate import GENERATOR_VERSION, GenConfig, has_pair_files, make_dataset
+from pairnet.data.generate import FILES, GENERATOR_VERSION, LABELS_CSV, GenConfig, has_pair_files, make_dataset
+from pairnet.fsutil import folder_lock
 from pairnet.paths import PACKAGE_DIR
-from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.lifecycle import managed_run, start_or_attach
-from pairnet.train.loop import digit_labels
+from pairnet.train.loop import amp_dtype, digit_labels, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,43 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def step_key(step: str, params: dict, code: str, data_digest: str) -> str:
-    blob = json.dumps({"step": step, "params": params, "code": code, "data": data_digest}, sort_keys=True, default=str)
+# The files each kind of step reads.
+TRAIN_READS = (FILES["train"], FILES["val"], FILES["public"], LABELS_CSV)
+STACK_READS = (FILES["val"], FILES["public"], LABELS_CSV, FILES["private"])
+PREDICT_READS = (FILES["private"],)
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, cached per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _FILE_DIGESTS[key] = h.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def reads_digest(d: Path, names: tuple[str, ...]) -> dict[str, str]:
+    return {n: file_digest(d / n) if (d / n).exists() else "absent" for n in names}
+
+
+def environment() -> dict[str, str]:
+    import lightgbm
+    import sklearn
+    import torch
+
+    return {"torch": torch.__version__, "mlflow": mlflow.__version__, "lightgbm": lightgbm.__version__,
+            "scikit-learn": sklearn.__version__}
+
+
+def step_key(step: str, params: dict, code: str, reads: dict, env: dict) -> str:
+    """Hash of everything a step's result depends on (see the module docstring)."""
+    blob = json.dumps({"step": step, "params": params, "code": code, "reads": reads, "env": env},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -103,14 +142,23 @@ def _summary_from_run(run) -> dict:
 
 
 def run_pipeline(req: PipelineRequest) -> dict:
+    from pairnet.stages import check_data_dir
+
+    preset = check_preset(req.preset)
+    d = check_data_dir(req.data_dir)
+    pick_device(req.device)  # an unusable device fails before anything starts
+    with folder_lock(d, f"run the {req.preset} pipeline"):
+        return _run_locked(req, preset, d)
+
+
+def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
     from pairnet.stack import StackRequest, run_stack
     from pairnet.stages import load_splits, setup_tracking
 
-    preset = check_preset(req.preset)
-    d = Path(req.data_dir) if req.data_dir else default_data_dir()
     uri = setup_tracking()
     client = MlflowClient()
     code = code_version()
+    env = environment()
     parent = start_or_attach(f"pipeline/{req.preset}", {"pairnet.stage": "pipeline", "pairnet.preset": req.preset,
                                                        "pairnet.code_version": code})
     reused, rows = [], []
@@ -125,26 +173,25 @@ def run_pipeline(req: PipelineRequest) -> dict:
         else:
             _run_data_step(d, gen, parent)
         splits = load_splits(d, req.preset)
-        digest = splits.digest()
 
         # stage 0: pretrained towers, then the base models started from their champions
         pretrained = {}
         for variant in PRETRAIN[req.preset]:
-            row = _train_step("pretrain", variant, 42, None, req, splits, code, client, parent, reused)
+            row = _train_step("pretrain", variant, 42, None, req, splits, code, env, client, parent, reused)
             rows.append(row)
             champion = registry.champion_version(row["name"], client)
             pretrained[variant] = f"models:/{champion.name}/{champion.version}"
-        trained = [_train_step(stage, variant, seed, pretrained[init] if init else None, req, splits, code, client,
-                               parent, reused)
+        trained = [_train_step(stage, variant, seed, pretrained[init] if init else None, req, splits, code, env,
+                               client, parent, reused)
                    for stage, variant, seed, init in PLANS[req.preset]]
         rows += trained
         base = trained[:-1]  # the from-scratch twin is a reference row, not a base model
 
         # stack over exactly the versions above
         uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
-        key = step_key("stack", {"models": uris, "n_folds": 5}, code, digest)
+        key = step_key("stack", {"models": uris, "n_folds": 5}, code, reads_digest(d, STACK_READS), env)
         done = find_finished(key, client)
-        if done is not None:
+        if done is not None and _version_exists(done, client, registry.STACK_NAME):
             log.info("step stack: reused run %s", done.info.run_id)
             reused.append("stack")
             stack = {"run_id": done.info.run_id, "version": done.data.tags.get("pairnet.model_version", "?"),
@@ -158,9 +205,11 @@ def run_pipeline(req: PipelineRequest) -> dict:
 
         # predict test_private with this stack version
         pred_path = d / "predictions_private.csv"
-        key = step_key("predict", {"model": f"models:/{registry.STACK_NAME}/{stack['version']}"}, code, digest)
+        key = step_key("predict", {"model": f"models:/{registry.STACK_NAME}/{stack['version']}"}, code,
+                       reads_digest(d, PREDICT_READS), env)
         done = find_finished(key, client)
-        if done is not None and pred_path.exists():
+        if done is not None and pred_path.exists() and \
+                done.data.tags.get("pairnet.output_digest") == file_digest(pred_path):
             log.info("step predict: reused run %s (%s)", done.info.run_id, pred_path)
             reused.append("predict")
         else:
@@ -180,7 +229,7 @@ def run_pipeline(req: PipelineRequest) -> dict:
 
 
 def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest, splits,
-                code: str, client: MlflowClient, parent: str, reused: list) -> dict:
+                code: str, env: dict, client: MlflowClient, parent: str, reused: list) -> dict:
     """One training step: reuse the FINISHED run with the same key, or train it now."""
     from pairnet.stages import registered_for, train_tracked
 
@@ -193,8 +242,11 @@ def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req:
     cfg = build_config(stage, req.preset, explicit)
     name = registered_for(stage, variant, seed if stage == "stage3" else None)
     label = f"{stage}/{variant}/seed{seed}" + ("" if init_from or stage == "pretrain" else "/scratch")
-    # The key holds the whole config, init_from's exact version included.
-    key = step_key(label, {**cfg.to_dict(), "registered": name}, code, splits.digest())
+    # The key holds the whole config (init_from's exact version included) and where it runs.
+    dev = pick_device(req.device)
+    where = {"device": str(dev), "amp_dtype": str(amp_dtype(cfg.amp, dev))}
+    key = step_key(label, {**cfg.to_dict(), "registered": name, **where}, code,
+                   reads_digest(splits.data_dir, TRAIN_READS), env)
     done = find_finished(key, client)
     if done is not None and _version_exists(done, client):
         log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
@@ -206,10 +258,11 @@ def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req:
     return {**res, "reused": False}
 
 
-def _version_exists(run, client: MlflowClient) -> bool:
+def _version_exists(run, client: MlflowClient, name: str | None = None) -> bool:
+    """The registered version a finished step made still exists (a user may have deleted it)."""
     t = run.data.tags
     try:
-        client.get_model_version(t["pairnet.registered_name"], t["pairnet.model_version"])
+        client.get_model_version(name or t["pairnet.registered_name"], t["pairnet.model_version"])
         return True
     except (KeyError, mlflow.exceptions.MlflowException):
         return False
@@ -239,7 +292,6 @@ def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:
 
 
 def _run_predict_step(model_uri: str, d: Path, out: Path, parent: str, key: str) -> None:
-    from pairnet.data.generate import FILES
     from pairnet.predict import check_submission, predict_file
 
     run_id = start_or_attach("pipeline/predict", {"pairnet.stage": "predict", "pairnet.step_key": key},
@@ -247,6 +299,7 @@ def _run_predict_step(model_uri: str, d: Path, out: Path, parent: str, key: str)
     with managed_run(run_id):
         n = predict_file(model_uri, d / FILES["private"], out)
         problems = check_submission(d / FILES["private"], out)
+        mlflow.set_tag("pairnet.output_digest", file_digest(out))
         mlflow.log_params({"predict.model": model_uri, "predict.rows": n})
         mlflow.log_metric("submission_problems", float(len(problems)))
         mlflow.log_artifact(str(out))

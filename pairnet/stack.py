@@ -171,8 +171,11 @@ def run_stack(req: StackRequest) -> dict:
     from pairnet.tracking.model import PYFUNC_CODE, SIGNATURE, copy_model_artifacts, mark_version, requirements
     from pairnet.tracking.server import tracking_uri
 
+    from pairnet.stages import check_data_dir
+
     if req.n_folds < 2:
         raise PairnetError(f"n_folds must be >= 2 (got {req.n_folds})")
+    check_data_dir(req.data_dir)
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     bases = resolve_base_models(req.models, client)  # bad names fail before any run exists

@@ -80,9 +80,17 @@ def setup_tracking() -> str:
     return uri
 
 
+def check_data_dir(data_dir: str | Path | None) -> Path:
+    """The data folder, refused in one line when it names a file (before any data or run)."""
+    d = Path(data_dir) if data_dir else default_data_dir()
+    if d.exists() and not d.is_dir():
+        raise PairnetError(f"--data-dir {d} is a file; give the folder that holds train.npz and val.npz")
+    return d
+
+
 def load_splits(data_dir: str | Path | None, preset: str) -> Splits:
     """Train/val (and labelled public test, when present); make the default set if absent."""
-    d = Path(data_dir) if data_dir else default_data_dir()
+    d = check_data_dir(data_dir)
     ensure_dataset(d, size=check_preset(preset)["data_size"])  # says so when it makes one
     train, val = load_pairs(d / FILES["train"]), load_pairs(d / FILES["val"])
     train.require_labels(), val.require_labels()
@@ -137,6 +145,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         transfer = copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
         tags["pairnet.init_from"] = source.uri
         tags["pairnet.init_from_run"] = source.run_id
+    init_digest = weights_digest(model)  # the weights training starts from: follows cfg.seed
 
     run_id = start_or_attach(run_name, tags, parent_run_id=parent_run_id)
     ckpt_dir = Path(tempfile.mkdtemp(prefix=f"pairnet-{run_id[:8]}-"))
@@ -159,6 +168,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
                        "run.amp_dtype": str(amp_dtype(cfg.amp, dev)), "run.registered_name": registered,
                        "data.dir": str(splits.data_dir), "data.n_train": len(splits.train),
                        "data.n_val": len(splits.val), "data.digest": splits.digest()})
+        params["run.init_weights_digest"] = init_digest
         if resume_run_id:
             params["run.resumed_from"] = resume_run_id
         if transfer is not None:
@@ -182,6 +192,17 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
                                init_uri=tags.get("pairnet.init_from"))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of a model's parameters and buffers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _log_datasets(splits: Splits) -> None:
@@ -296,8 +317,10 @@ def registered_for(stage: str, variant: str, seed: int | None = None) -> str:
 
 def run_single(stage: str, req: StageRequest) -> dict:
     """Pretrain and stages 1–2: one model, one run, registered as ``pairnet-[pretrain-]<variant>``."""
-    setup_tracking()
+    # Bad values, model names and data folders fail before the server, the data or a run.
     cfg = build_config(stage, req.preset, req.explicit, recipe_means_unset=req.recipe_means_unset)
+    check_data_dir(req.data_dir)
+    setup_tracking()
     splits = load_splits(req.data_dir, req.preset)
     resume = _resume_target(req, stage, cfg)
     return train_tracked(cfg, stage=stage, splits=splits, registered=registered_for(stage, cfg.model_name),
@@ -320,13 +343,14 @@ def parse_members(text: str) -> list[tuple[str, int]]:
 
 def run_stage3(req: StageRequest) -> list[dict]:
     """One parent run; a nested child per (variant, seed) member, each registered."""
-    setup_tracking()
     members = parse_members(req.members)
-    splits = load_splits(req.data_dir, req.preset)
     configs = []
     for variant, seed in members:
         explicit = {**req.explicit, "model_name": variant, "seed": seed}
         configs.append(build_config("stage3", req.preset, explicit, recipe_means_unset=req.recipe_means_unset))
+    check_data_dir(req.data_dir)
+    setup_tracking()
+    splits = load_splits(req.data_dir, req.preset)
     source = None
     if configs[0].init_from:  # every member must match it: checked before any run opens
         source = fetch_init_source(configs[0].init_from)

@@ -129,10 +129,12 @@ def _inspect(pid_file: Path) -> tuple[dict | None, str | None]:
     return rec, None
 
 
-def _write_record(pid_file: Path, pid: int, url: str, store: str, auth: bool) -> None:
+def _write_record(pid_file: Path, pid: int, cmd: list[str], url: str, store: str, auth: bool) -> None:
+    # The command line recorded is the one given to exec, not read back from /proc: right
+    # after the fork the child still shows its parent's command line until it execs.
     proc = ProcessId.of(pid)
-    cmdline = _cmdline(pid)
-    if proc is None or cmdline is None:
+    cmdline = [mask_url(str(arg)) for arg in cmd]
+    if proc is None:
         return  # exited already; the caller sees that and reports it
     rec = {"pid": pid, "started": proc.started, "cmdline": cmdline, "host": proc.host, "url": url,
            "store": mask_url(store), "auth": auth}
@@ -311,7 +313,7 @@ def _spawn(f: dict[str, Path], port: int, host: str, wait_s: float, backend_stor
         log_from = logfh.tell()
         proc = subprocess.Popen(cmd, stdout=logfh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=f["root"], env=env)
-    _write_record(f["pid"], proc.pid, url, backend, auth)
+    _write_record(f["pid"], proc.pid, cmd, url, backend, auth)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

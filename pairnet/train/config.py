@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from pairnet.errors import PairnetError
@@ -56,6 +57,10 @@ class TrainConfig:
     }
 
     def validate(self) -> "TrainConfig":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PairnetError(f"{f.name} must be a finite number (got {value})")
         for key, choices in self.CHOICES.items():
             if getattr(self, key) not in choices:
                 raise PairnetError(f"{key} '{getattr(self, key)}' is not one of {', '.join(choices)}")
@@ -72,10 +77,16 @@ class TrainConfig:
         for key in ("aux_digit_weight", "freeze_epochs", "tower_lr_mult"):
             if not getattr(self, key) >= 0 or getattr(self, key) == float("inf"):
                 raise PairnetError(f"{key} must be a finite number >= 0 (got {getattr(self, key)})")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise PairnetError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.freeze_epochs != int(self.freeze_epochs):
+            raise PairnetError(f"freeze_epochs must be a whole number (got {self.freeze_epochs})")
         if self.init_from and not self.init_from.startswith("models:/"):
             raise PairnetError(f"init_from '{self.init_from}' must be a registry URI such as "
                                "models:/pairnet-pretrain-resnet_optimized@champion (or empty for from scratch)")
-        self.model_overrides()  # parses layers
+        from pairnet.models.registry import resolve
+
+        resolve(self.model_name, **self.model_overrides())  # unknown model names and options fail here
         return self
 
     def model_overrides(self) -> dict:

@@ -1,0 +1,266 @@
+"""Every way a user lost data or got a stuck run in issue 11, each now ending cleanly:
+data never overwritten, pickle-free loading, server restarts and SIGKILL survived,
+complete step keys, parameters refused before anything starts, seeds that matter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import _free_port, mlflow_run, user_env
+from pairnet.cli import main
+from pairnet.data.pairs import PairSet, load_pairs, save_pairs
+
+pytestmark = pytest.mark.integration
+
+PAIRNET = [sys.executable, "-m", "pairnet.cli"]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(folder).iterdir())
+            if f.is_file() and not f.name.startswith(".")}
+
+
+def pairnet(env: dict, *args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(PAIRNET + [str(a) for a in args], env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("pairnet")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def runs_of(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ------------------------------------------------------------------ data safety
+def test_data_make_never_overwrites_without_force(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["data", "make", "--out", str(out), "--size", "tiny", "--seed", "7"]) == 0
+    before = digests(out)
+    assert set(before) == {"train.npz", "val.npz", "test_public.npz", "test_private.npz", "test_public_labels.csv",
+                           "meta.json"}
+    capsys.readouterr()
+    assert main(["data", "make", "--out", str(out), "--size", "tiny", "--seed", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert digests(out) == before
+    assert main(["data", "make", "--out", str(out), "--size", "tiny", "--seed", "8", "--force"]) == 0
+    after = digests(out)
+    assert set(after) == set(before) and after["train.npz"] != before["train.npz"]
+    assert json.loads((out / "meta.json").read_text())["seed"] == 8
+    # Built beside the folder, then moved in: no staging folder or temp file is left behind.
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_data_entry_point_refuses_a_users_folder(mlflow_server, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    rng = np.random.default_rng(0)
+    save_pairs(user / "train.npz", PairSet(x=rng.integers(0, 255, (20, 28, 56), dtype=np.uint8),
+                                           y=rng.integers(0, 2, 20)))
+    before = digests(user)
+    res = mlflow_run("data", {"out": user, "size": "tiny"}, user_env(mlflow_server, "it-faults-data"))
+    assert res.returncode != 0 and "refusing to overwrite" in res.stderr
+    assert digests(user) == before
+    assert all(r.info.status == "FAILED" for r in runs_of(MlflowClient(), "it-faults-data"))
+
+
+def test_predict_refuses_to_write_over_its_input(tiny_data, tmp_path, capsys):
+    data = tmp_path / "t.npz"
+    data.write_bytes((tiny_data / "test_private.npz").read_bytes())
+    before = digests(tmp_path)
+    for out in (data, tmp_path / "other.npz"):
+        assert main(["predict", "--model", "models:/pairnet-stack@champion", "--data", str(data), "--out", str(out)]) == 2
+        assert "refusing" in capsys.readouterr().err
+    assert digests(tmp_path) == before
+    assert main(["data", "check", str(data)]) == 0
+
+
+def test_partial_data_folder_is_refused_not_filled(mlflow_server, tiny_data, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train.npz").write_bytes((tiny_data / "train.npz").read_bytes())
+    before = digests(partial)
+    res = pairnet(user_env(mlflow_server, "it-faults-partial"), "stage2", "--preset", "tiny", "--data-dir", partial)
+    one_line_error(res, "holds train.npz but no val.npz")
+    assert digests(partial) == before
+    assert not runs_of(MlflowClient(), "it-faults-partial")
+
+
+def test_bad_parameters_fail_before_data_or_runs(mlflow_server, tiny_data, tmp_path):
+    env = user_env(mlflow_server, "it-faults-params")
+    empty = tmp_path / "fresh"
+    for flag, value, needle in (("--epochs", "inf", "not a finite number"), ("--lr", "nan", "not a finite number"),
+                                ("--weight-decay", "inf", "not a finite number"),
+                                ("--label-smoothing", "nan", "not a finite number"),
+                                ("--dropout", "1.5", "dropout must be in [0, 1)"),
+                                ("--model-name", "bogus", "unknown model 'bogus'")):
+        res = pairnet(env, "stage2", "--preset", "tiny", "--data-dir", empty, flag, value)
+        one_line_error(res, needle)
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    one_line_error(pairnet(env, "stage2", "--preset", "tiny", "--data-dir", a_file), "is a file")
+    one_line_error(pairnet(env, "pipeline", "--preset", "tiny", "--data-dir", a_file), "is a file")
+    assert not empty.exists()  # no data was made for a run that could not start
+    assert not runs_of(MlflowClient(), "it-faults-params")
+
+
+# ------------------------------------------------------------------ models without pickle
+class _Bomb(mlflow.pyfunc.PythonModel):
+    """Unpickling this runs a shell command: what a hostile registered version could hold."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_pickle_bomb_under_a_pairnet_name_is_refused(mlflow_server, tiny_data, tmp_path, capsys):
+    name = "pairnet-bomb_check"
+    marker = tmp_path / "exploded"
+    client = MlflowClient()
+    mlflow.set_experiment("it-faults-bomb")
+    try:
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="model", python_model=_Bomb(str(marker)), registered_model_name=name)
+        version = str(info.registered_model_version)
+        client.set_registered_model_alias(name, "champion", version)
+        args = ["predict", "--model", f"models:/{name}@champion", "--data", str(tiny_data / "test_private.npz"),
+                "--out", str(tmp_path / "p.csv")]
+        assert main(args) == 2
+        assert "was not logged by pairnet" in capsys.readouterr().err
+        # A forged tag does not help: pairnet reads only safetensors + JSON, never the pickle.
+        client.set_model_version_tag(name, version, "pairnet.format", "safetensors-v1")
+        assert main(args) == 2
+        assert "is not a pairnet model" in capsys.readouterr().err
+        # Stacking refuses it as a base model too, before any run opens.
+        assert main(["stack", "--models", f"models:/{name}@champion,models:/{name}/{version}",
+                     "--data-dir", str(tiny_data)]) == 2
+        # MLflow itself refuses the pickle in this environment (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false).
+        with pytest.raises(mlflow.exceptions.MlflowException, match="pickle"):
+            mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        assert not marker.exists()
+        assert not (tmp_path / "p.csv").exists()
+    finally:
+        client.delete_registered_model(name)
+
+
+# ------------------------------------------------------------------ run lifecycle
+def _history(client, run_id, key="val_acc"):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
+    from pairnet.tracking import server
+
+    root, port = tmp_path / "server", _free_port()
+    info = server.start(port=port, root=root)
+    env = user_env(info.url, "it-faults-restart")
+    epochs = 12
+    proc = subprocess.Popen(PAIRNET + ["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name",
+                                       "compare_cnn", "--epochs", str(epochs), "--max-steps-per-epoch", "30"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = MlflowClient(info.url)
+        run_id = wait_for(lambda: next((r.info.run_id for r in runs_of(client, "it-faults-restart")
+                                        if _history(client, r.info.run_id)), None), 180, "the first epoch")
+        server.stop(port=port, root=root)
+        time.sleep(4)  # training goes on while the server is away
+        server.start(port=port, root=root)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+        err = proc.stderr.read()
+        assert "buffering and retrying" in err, err[-3000:]  # the outage did hit training
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert _history(client, run_id) == list(range(1, epochs + 1))
+        assert _history(client, run_id, "train_loss") == list(range(1, epochs + 1))
+        assert "checkpoint/last.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop(port=port, root=root)
+
+
+def test_sigkilled_run_is_swept_then_resumed(mlflow_server, tiny_data):
+    env = user_env(mlflow_server, "it-faults-sigkill")
+    epochs = 30
+    proc = subprocess.Popen(PAIRNET + ["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name",
+                                       "compare_cnn", "--epochs", str(epochs), "--seed", "11"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+
+    def checkpointed():
+        for r in runs_of(client, "it-faults-sigkill"):
+            if len(_history(client, r.info.run_id)) >= 2 and client.list_artifacts(r.info.run_id, "checkpoint"):
+                return r.info.run_id
+        return None
+
+    run_id = wait_for(checkpointed, 180, "a checkpointed second epoch")
+    proc.send_signal(signal.SIGKILL)  # no handler runs: the run cannot end itself
+    proc.wait(timeout=30)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    sweep = pairnet(env, "runs", "sweep")
+    assert sweep.returncode == 0 and run_id in sweep.stdout, sweep.stderr
+    killed = client.get_run(run_id)
+    assert killed.info.status == "FAILED" and "is gone" in killed.data.tags["pairnet.swept"]
+    done = len(_history(client, run_id))
+    assert done < epochs
+    res = pairnet(env, "stage2", "--preset", "tiny", "--data-dir", tiny_data, "--model-name", "compare_cnn",
+                  "--epochs", epochs, "--seed", "11", "--resume", "true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (resumed,) = [r for r in runs_of(client, "it-faults-sigkill") if r.info.run_id != run_id]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["pairnet.resumed_from"] == run_id
+    assert _history(client, resumed.info.run_id) == list(range(1, epochs + 1))
+    assert not [r for r in runs_of(client, "it-faults-sigkill") if r.info.status == "RUNNING"]
+
+
+# ------------------------------------------------------------------ seeds
+def test_seed_controls_initial_weights_in_fresh_processes(mlflow_server, tiny_data):
+    env = user_env(mlflow_server, "it-faults-seeds")
+    for seed in (21, 21, 22):
+        res = pairnet(env, "stage2", "--preset", "tiny", "--data-dir", tiny_data, "--model-name", "compare_cnn",
+                      "--seed", seed, "--epochs", 1)
+        assert res.returncode == 0, res.stderr[-2000:]
+    client = MlflowClient()
+    runs = sorted(runs_of(client, "it-faults-seeds"), key=lambda r: r.info.start_time)
+    inits = [r.data.params["run.init_weights_digest"] for r in runs]
+    losses = [client.get_metric_history(r.info.run_id, "train_loss")[0].value for r in runs]
+    accs = [r.data.metrics["final_val_acc"] for r in runs]
+    # Same seed, two fresh processes: the same initial weights and identical metrics.
+    assert inits[0] == inits[1] and losses[0] == losses[1] and accs[0] == accs[1]
+    assert inits[2] != inits[0]  # another seed: other initial weights
