@@ -204,7 +204,7 @@ def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
         server.start(port=port, root=root)
         assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
         err = proc.stderr.read()
-        assert "buffering and retrying" in err, err[-3000:]  # the outage did hit training
+        assert "Connection refused" in err, err[-3000:]  # the outage did hit training (requests retried)
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert _history(client, run_id) == list(range(1, epochs + 1))
