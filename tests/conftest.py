@@ -91,3 +91,17 @@ def mlflow_run(entry: str, params: dict, env: dict, timeout: int = 600, **popen)
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+
+
+JOURNEY_EXPERIMENT = "it-journey"
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(mlflow_server, tmp_path_factory):
+    data = tmp_path_factory.mktemp("journey_data")  # empty: the pipeline makes the data itself
+    env = user_env(mlflow_server, JOURNEY_EXPERIMENT)
+    first = mlflow_run("pipeline", {"preset": "tiny", "data_dir": data}, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = mlflow_run("pipeline", {"preset": "tiny", "data_dir": data}, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return first, second, data

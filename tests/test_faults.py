@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import _free_port, mlflow_run, user_env
+from test_server import pairnet as in_folder
 from pairnet.cli import main
 from pairnet.data.pairs import PairSet, load_pairs, save_pairs
 
@@ -134,6 +135,39 @@ def test_bad_parameters_fail_before_data_or_runs(mlflow_server, tiny_data, tmp_p
     one_line_error(pairnet(env, "pipeline", "--preset", "tiny", "--data-dir", a_file), "is a file")
     assert not empty.exists()  # no data was made for a run that could not start
     assert not runs_of(MlflowClient(), "it-faults-params")
+
+
+# ------------------------------------------------------------------ the tracking server
+def test_stop_leaves_a_recycled_pid_alone(tmp_path):
+    port = _free_port()
+    pid_file = tmp_path / "mlflow" / f"server-{port}.pid"
+    pid_file.parent.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        started = psutil.Process(sleeper.pid).create_time()
+        mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--port", str(port)]
+        # The server exited and the kernel handed its pid to `sleep`: another start time, or
+        # (same start time, say after an exec) another command line.
+        for rec_started in (started - 3600, started):
+            rec = {"pid": sleeper.pid, "started": rec_started, "cmdline": mlflow_cmd, "host": socket.gethostname(),
+                   "url": f"http://127.0.0.1:{port}"}
+            pid_file.write_text(json.dumps(rec))
+            st = in_folder(tmp_path, "server", "status", "--port", port)
+            assert st.returncode == 1 and "now belongs to another process" in st.stdout, st
+            res = in_folder(tmp_path, "server", "stop", "--port", port)
+            assert res.returncode == 0, res.stderr
+            assert f"stale pid file {pid_file}: pid {sleeper.pid} now belongs to another process; left it running" \
+                in res.stderr
+            assert f"no pairnet server running on port {port}" in res.stdout
+            assert not pid_file.exists() and sleeper.poll() is None
+        # An old plain-integer pid file has no start time: nothing is killed either.
+        pid_file.write_text(f"{sleeper.pid}\n")
+        res = in_folder(tmp_path, "server", "stop", "--port", port)
+        assert res.returncode == 0 and "records no start time" in res.stderr, res.stderr
+        assert not pid_file.exists() and sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 # ------------------------------------------------------------------ models without pickle
@@ -264,3 +298,33 @@ def test_seed_controls_initial_weights_in_fresh_processes(mlflow_server, tiny_da
     # Same seed, two fresh processes: the same initial weights and identical metrics.
     assert inits[0] == inits[1] and losses[0] == losses[1] and accs[0] == accs[1]
     assert inits[2] != inits[0]  # another seed: other initial weights
+
+
+# ------------------------------------------------------------------ step keys
+def test_changed_test_file_and_deleted_version_rerun_their_steps(pipeline_runs, mlflow_server):
+    """The journey's pipeline, run a third time after a user replaced test_private.npz and
+    deleted one registered version: exactly the steps that depend on them rerun."""
+    from conftest import JOURNEY_EXPERIMENT
+
+    _, _, data = pipeline_runs
+    data = Path(data)
+    private = load_pairs(data / "test_private.npz")
+    keep = np.arange(len(private))[::-2]  # another file: half the pairs, in another order
+    save_pairs(data / "test_private.npz", PairSet(x=private.x[keep], ids=np.char.add("NEW_", private.ids[keep])))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(JOURNEY_EXPERIMENT)
+    (scratch,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE '%/scratch'",
+                                    max_results=1)
+    client.delete_model_version(scratch.data.tags["pairnet.registered_name"], scratch.data.tags["pairnet.model_version"])
+
+    res = pairnet(user_env(mlflow_server, JOURNEY_EXPERIMENT), "pipeline", "--preset", "tiny", "--data-dir", data,
+                  timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reused_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("reused "))
+    assert "stage2/resnet_optimized/seed42," in reused_line + "," and "pretrain/" in reused_line
+    for rerun in ("/scratch", "stack", "predict"):
+        assert rerun not in reused_line, reused_line
+    # The predictions match the new file, so check-submission passes for it.
+    pred = data / "predictions_private.csv"
+    assert main(["check-submission", "--data", str(data / "test_private.npz"), "--pred", str(pred)]) == 0
+    assert pred.read_text().splitlines()[1].startswith("NEW_")

@@ -59,38 +59,6 @@ def test_mask_url_hides_every_password():
     assert mask_url("redis://:pw@host:6379") == "redis://:***@host:6379"
 
 
-def test_stop_leaves_a_recycled_pid_alone(tmp_path):
-    port = _free_port()
-    pid_file = tmp_path / "mlflow" / f"server-{port}.pid"
-    pid_file.parent.mkdir()
-    sleeper = subprocess.Popen(["sleep", "60"])
-    try:
-        started = psutil.Process(sleeper.pid).create_time()
-        mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--port", str(port)]
-        # The server exited and the kernel handed its pid to `sleep`: another start time, or
-        # (same start time, say after an exec) another command line.
-        for rec_started in (started - 3600, started):
-            rec = {"pid": sleeper.pid, "started": rec_started, "cmdline": mlflow_cmd, "host": socket.gethostname(),
-                   "url": f"http://127.0.0.1:{port}"}
-            pid_file.write_text(json.dumps(rec))
-            st = pairnet(tmp_path, "server", "status", "--port", port)
-            assert st.returncode == 1 and "now belongs to another process" in st.stdout, st
-            res = pairnet(tmp_path, "server", "stop", "--port", port)
-            assert res.returncode == 0, res.stderr
-            assert f"stale pid file {pid_file}: pid {sleeper.pid} now belongs to another process; left it running" \
-                in res.stderr
-            assert f"no pairnet server running on port {port}" in res.stdout
-            assert not pid_file.exists() and sleeper.poll() is None
-        # An old plain-integer pid file has no start time: nothing is killed either.
-        pid_file.write_text(f"{sleeper.pid}\n")
-        res = pairnet(tmp_path, "server", "stop", "--port", port)
-        assert res.returncode == 0 and "records no start time" in res.stderr, res.stderr
-        assert not pid_file.exists() and sleeper.poll() is None
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-
-
 def test_concurrent_starts_make_one_server(tmp_path):
     port = _free_port()
     store = tmp_path / "mlflow"

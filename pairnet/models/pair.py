@@ -49,14 +49,3 @@ class PairModel(nn.Module):
             raise ValueError("this model was built without a digit head (create_model(..., digit_head=True))")
         fa, fb = self.forward_features(x)
         return self.forward_head(fa, fb), self.digit_head(torch.cat([fa, fb]))
-
-
-class ProbabilityModel(nn.Module):
-    """Serving wrapper: uint8 pairs (N, 28, 56) → probabilities (N,) of label 1."""
-
-    def __init__(self, model: PairModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(x.float() / 255.0).float())
