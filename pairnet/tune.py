@@ -36,9 +36,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator
 
 import mlflow
 import optuna
@@ -227,10 +227,10 @@ def load_trial_weights(run_id: str):
     return model
 
 
-def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str):
+def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=None):
     from pairnet.stages import load_splits
 
-    splits = load_splits(req.data_dir, req.preset)
+    splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     dev = pick_device(req.device)
     client = MlflowClient()
     me = ProcessId.current().as_tags()
@@ -337,6 +337,9 @@ def _worker(req_dict: dict, parent_run_id: str, experiment_id: str, slots: _Slot
                 slots.release(worker)
     except (KeyboardInterrupt, Terminated) as err:  # the trial already ended KILLED; no traceback
         sys.exit(128 + (signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM))
+    except PairnetError as err:  # one line, as the CLI would say it; the parent replaces this worker
+        log.error("pairnet: error in tune worker pid %d: %s", os.getpid(), err)
+        sys.exit(2)
 
 
 @dataclass
@@ -397,8 +400,8 @@ class _Workers:
         self.bury(w, f"tune worker pid {pid} died (exit code {code})", "FAILED", requeue=True)
         self.slots.give_back(index)
         if self.deaths > self.max_respawns:
-            raise PairnetError(f"tune workers died {self.deaths} times (last: pid {pid}, exit code {code}); gave "
-                               f"up after {self.max_respawns} replacements — see the workers' messages above")
+            raise PairnetError(f"tune workers died {self.deaths} times (last: pid {pid}, exit code {code}); "
+                               f"gave up after {self.max_respawns} replacements")
         if self.slots.remaining() > 0 and (self.deadline is None or time.time() < self.deadline):
             self.spawn()
 
@@ -442,11 +445,13 @@ class _Workers:
 
 
 def run_tune(req: TuneRequest) -> dict:
-    from pairnet.stages import setup_tracking
+    from pairnet.stages import load_splits, setup_tracking
 
     req.validate()
     url = req.storage_url()
     storage = open_storage(req)  # a bad URL fails here, before any run exists
+    pick_device(req.device)  # as does a device that is not there
+    splits = load_splits(req.data_dir, req.preset)  # made here if absent, not by several workers at once
     setup_tracking()
     if req.init_from:  # a missing model or a mismatched architecture fails before any run exists
         cfg = build_config("tune", req.preset, {"model_name": req.model_name, "init_from": req.init_from})
@@ -463,12 +468,12 @@ def run_tune(req: TuneRequest) -> dict:
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items() if k != "storage"})
         mlflow.log_param("tune.storage", mask_url(url))  # never log credentials
         if req.n_workers == 1:
-            study.optimize(_objective(req, parent, experiment_id), n_trials=req.n_trials,
+            study.optimize(_objective(req, parent, experiment_id, splits), n_trials=req.n_trials,
                            timeout=req.timeout or None, catch=())
         else:
             _Workers(req, storage, parent, experiment_id).run()
         study = make_study(req, storage)
-        summary = _summarise(study, before, req)
+        summary = _summarise(study, before, req, splits)
     return summary
 
 
@@ -481,7 +486,7 @@ def _registered_version(name: str, trial_run: str) -> str | None:
     return str(found[0].version) if found else None
 
 
-def _summarise(study: optuna.Study, before: int, req: TuneRequest) -> dict:
+def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) -> dict:
     states = {}
     for t in study.trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
@@ -514,7 +519,7 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest) -> dict:
         return summary
     from pairnet.stages import load_splits
 
-    splits = load_splits(req.data_dir, req.preset)
+    splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     info = log_pair_model(model, splits.val.x, registered_name=name)
     version = str(info.registered_model_version)
     registry.tag_version(name, version, {"val_acc": f"{best.value:.6f}", "stage": "tune", "model": req.model_name,
