@@ -81,6 +81,7 @@ def test_worker_killed_mid_trial_is_replaced(mlflow_server, tiny_data, tmp_path)
     assert study.trials[killed].state == optuna.trial.TrialState.FAIL
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retried) == 1 and retried[0].params == study.trials[killed].params  # re-queued, same lr and wd
+    assert f"trial {killed} failed: tune worker pid {victim} died" in out  # by the parent, not after a grace period
 
     runs = _runs(client, experiment)
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
