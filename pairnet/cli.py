@@ -305,11 +305,15 @@ def _cmd_tune(args) -> int:
                       sampler_seed=args.sampler_seed, n_workers=args.n_workers, lr_low=args.lr_low,
                       lr_high=args.lr_high, wd_low=args.wd_low, wd_high=args.wd_high, data_dir=args.data_dir,
                       device=args.device, seed=args.seed, init_from=args.init_from,
-                      freeze_epochs=args.freeze_epochs, tower_lr_mult=args.tower_lr_mult)
+                      freeze_epochs=args.freeze_epochs, tower_lr_mult=args.tower_lr_mult,
+                      heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
     out = run_tune(req)
     print(f"study {out['study']}: {out['trials']} trials in storage, by state {out['states']}")
     if "best_params" in out:
         print(f"best trial {out['best_trial']}: val acc {out['best_value']:.4f} with {out['best_params']}")
+    if "version" in out:
+        gate = {True: "promoted to champion", False: "champion kept", None: "registered earlier"}[out["promoted"]]
+        print(f"best model: models:/{out['registered']}/{out['version']} ({gate})")
     return 0
 
 
@@ -317,13 +321,15 @@ def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="Optuna study over lr and weight decay; each trial a nested MLflow run")
     p.add_argument("--model-name", default="resnet_optimized")
     p.add_argument("--preset", default="full")
-    p.add_argument("--n-trials", type=whole, default=20)
+    p.add_argument("--n-trials", type=whole, default=20,
+                   help="finished (complete or pruned) trials this invocation adds")
     p.add_argument("--timeout", type=finite, default=0.0, help="seconds for this invocation (0: none)")
     p.add_argument("--study-name", default="pairnet-lr-wd")
     p.add_argument("--storage", default="", help="Optuna RDB URL (default sqlite:///<data>/optuna.db)")
     p.add_argument("--epochs", type=whole, default=0, help="epochs per trial (0: the preset's)")
     p.add_argument("--sampler-seed", type=whole, default=42)
-    p.add_argument("--n-workers", type=whole, default=1)
+    p.add_argument("--n-workers", type=whole, default=1,
+                   help="worker processes (at most the CPU cores here); a worker that dies is replaced")
     p.add_argument("--lr-low", type=finite, default=1e-4)
     p.add_argument("--lr-high", type=finite, default=1e-2)
     p.add_argument("--wd-low", type=finite, default=1e-5)
@@ -334,6 +340,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--init-from", default="", help=TRAIN_HELP["init_from"])
     p.add_argument("--freeze-epochs", type=optional(whole), default=None, help=TRAIN_HELP["freeze_epochs"])
     p.add_argument("--tower-lr-mult", type=optional(finite), default=None, help=TRAIN_HELP["tower_lr_mult"])
+    p.add_argument("--heartbeat-interval", type=whole, default=10, help="seconds between a trial's heartbeats")
+    p.add_argument("--grace-period", type=whole, default=30,
+                   help="seconds without a heartbeat before a trial counts as dead (failed, re-queued at most twice)")
     p.set_defaults(func=_cmd_tune)
 
 
@@ -485,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pairnet: interrupted", file=sys.stderr)
         return 130
+    except BaseException as err:
+        # SIGTERM raises lifecycle.Terminated once the runs are ended; looked up, not imported (mlflow is slow)
+        lifecycle = sys.modules.get("pairnet.tracking.lifecycle")
+        if lifecycle is not None and isinstance(err, lifecycle.Terminated):
+            print("pairnet: terminated", file=sys.stderr)
+            return 143
+        raise
 
 
 if __name__ == "__main__":

@@ -2,48 +2,86 @@
 
 The study lives in Optuna RDB storage (SQLite by default, any SQLAlchemy URL such as
 PostgreSQL accepted), so running again with the same study name continues it, and
-several workers (processes here, or other invocations) share it. Heartbeats mark a
-dead worker's trial FAILED and ``RetryFailedTrialCallback`` re-queues it.
+several workers (processes here, or other invocations) share it.
 
 Optuna's MLflowCallback is deprecated in Optuna 5, so the glue is written here: each
 trial is a child run created with an explicit ``mlflow.parentRunId`` tag, which nests
 correctly whether or not ``mlflow run`` set MLFLOW_RUN_ID.
+
+Nothing lost, nothing left RUNNING:
+
+- every child run carries its process identity (``pairnet.process.*`` tags) and every
+  trial the same as user attr ``pairnet.process``, so whoever sees the process gone can
+  end what it left behind;
+- SIGINT/SIGTERM end the in-flight child run KILLED (the trial FAIL) and the parent KILLED;
+  with several workers the parent forwards SIGTERM to them and waits briefly;
+- a worker that dies (exit code != 0) is buried by the parent: its child run ends FAILED
+  (tag ``pairnet.swept``), its trial FAIL and re-queued with the same parameters,
+  and a replacement worker takes its place until this invocation has added ``n_trials``
+  finished (COMPLETE or PRUNED) trials. Optuna's heartbeat does the same for trials whose
+  process nobody watches (another machine, a killed parent);
+- each COMPLETE trial logs its weights as artifact ``weights/model.pt`` of its child run, so
+  the best trial is registered whichever invocation or machine ran it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import signal
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import optuna
 import torch
+from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pairnet.errors import PairnetError
 from pairnet.models import create_model, model_from_spec
 from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config
+from pairnet.proc import ProcessId
+from pairnet.redact import mask_url
 from pairnet.tracking import registry
 from pairnet.models.transfer import copy_matching
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import fetch_init_source
-from pairnet.tracking.lifecycle import managed_run, start_or_attach
+from pairnet.tracking.lifecycle import SWEPT_TAG, Terminated, managed_run, sigterm_raises, start_or_attach
 from pairnet.tracking.model import log_pair_model
 from pairnet.train.loop import Callback, fit, pick_device
 
 log = logging.getLogger(__name__)
+
+WEIGHTS = "weights/model.pt"  # artifact of each COMPLETE trial's child run: {"state": state dict, "spec": dict}
+PROCESS_ATTR = "pairnet.process"  # trial user attr: ProcessId.as_tags() of the process running it
+SWEPT_REASON = SWEPT_TAG  # the same tag the orphan sweep sets
+STOP_WAIT_S = 20.0  # how long stopped workers get to end their trials KILLED before SIGKILL
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
 class TuneRequest:
     model_name: str = "resnet_optimized"
     preset: str = "full"
-    n_trials: int = 20
+    n_trials: int = 20  # finished (COMPLETE or PRUNED) trials this invocation adds
     timeout: float = 0.0  # seconds for this invocation; 0 = none
     study_name: str = "pairnet-lr-wd"
     storage: str = ""  # "" = sqlite:///<data>/optuna.db
@@ -60,15 +98,25 @@ class TuneRequest:
     init_from: str = ""  # every trial starts from this registered model ("" = from scratch)
     freeze_epochs: int | None = None  # None = the preset's
     tower_lr_mult: float | None = None
+    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
+    grace_period: int = 30  # seconds without a heartbeat before a trial counts as dead (FAIL, re-queued)
 
     def validate(self) -> "TuneRequest":
         for name, lo, hi in (("lr", self.lr_low, self.lr_high), ("weight_decay", self.wd_low, self.wd_high)):
-            if not 0 < lo < hi:
-                raise PairnetError(f"{name} bounds [{lo}, {hi}] must satisfy 0 < low < high (log-uniform search)")
-        if self.n_trials < 1:
-            raise PairnetError(f"n_trials must be >= 1 (got {self.n_trials})")
-        if self.n_workers < 1:
-            raise PairnetError(f"n_workers must be >= 1 (got {self.n_workers})")
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+                raise PairnetError(f"{name} bounds [{lo}, {hi}] must be finite and satisfy 0 < low < high "
+                                   f"(log-uniform search)")
+        if not (math.isfinite(self.timeout) and self.timeout >= 0):
+            raise PairnetError(f"timeout must be a finite number of seconds >= 0 (0: none; got {self.timeout})")
+        _whole("n_trials", self.n_trials, 1)
+        _whole("n_workers", self.n_workers, 1)
+        _whole("epochs", self.epochs, 0)
+        _whole("heartbeat_interval", self.heartbeat_interval, 1)
+        _whole("grace_period", self.grace_period, self.heartbeat_interval + 1)
+        cpus = usable_cpus()
+        if self.n_workers > cpus:  # refused, not capped: the user asked for a layout this machine cannot give
+            raise PairnetError(f"n_workers {self.n_workers} exceeds the {cpus} CPU cores available here; use at "
+                               f"most {cpus}, or start another `pairnet tune` with the same study on another machine")
         return self
 
     def storage_url(self) -> str:
@@ -77,6 +125,11 @@ class TuneRequest:
         d = Path(self.data_dir) if self.data_dir else default_data_dir()
         d.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(d / 'optuna.db').resolve()}"
+
+
+def _whole(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PairnetError(f"{name} must be a whole number >= {low} (got {value})")
 
 
 def check_storage_url(url: str) -> None:
@@ -90,15 +143,16 @@ def check_storage_url(url: str) -> None:
         engine.dispose()
     except Exception as err:  # SQLAlchemy raises many types for bad URLs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PairnetError(f"Optuna storage '{url}' is not usable: {first}") from None
+        raise PairnetError(mask_url(f"Optuna storage '{url}' is not usable: {first}")) from None
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(req: TuneRequest) -> optuna.storages.RDBStorage:
+    url = req.storage_url()
     check_storage_url(url)
     return optuna.storages.RDBStorage(
         url,
-        heartbeat_interval=10,
-        grace_period=30,
+        heartbeat_interval=req.heartbeat_interval,
+        grace_period=req.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
         engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
     )
@@ -132,12 +186,54 @@ class PruneOnValAcc(Callback):
             raise optuna.TrialPruned(f"pruned at epoch {epoch} (val acc {metrics['val_acc']:.4f})")
 
 
-def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, model_dir: Path):
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Clean-up after a signal must not be cut short by a second one."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_child(client: MlflowClient, run_id: str | None, status: str, tags: dict[str, str]) -> None:
+    """Tag and end a trial's child run; a failure here is logged, never hides the error being handled."""
+    if run_id is None:
+        return
+    try:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        client.set_terminated(run_id, status)
+    except Exception as err:  # the server may be what failed; the sweeper finds the run by its process tags
+        log.warning("could not end trial run %s %s: %s", run_id, status, err)
+
+
+def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module) -> None:
+    # Tensors and plain containers only, so torch.load(weights_only=True) reads it back.
+    state = {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "spec": dict(model.spec)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(WEIGHTS).name
+        torch.save(state, path)
+        client.log_artifact(run_id, str(path), artifact_path=str(Path(WEIGHTS).parent))
+
+
+def load_trial_weights(run_id: str):
+    """The model a COMPLETE trial logged (artifact ``weights/model.pt`` of its child run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model = model_from_spec(state["spec"])
+    model.load_state_dict(state["state"])
+    return model
+
+
+def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=None):
     from pairnet.stages import load_splits
 
-    splits = load_splits(req.data_dir, req.preset)
+    splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     dev = pick_device(req.device)
     client = MlflowClient()
+    me = ProcessId.current().as_tags()
     explicit = {"model_name": req.model_name, "seed": req.seed, "epochs": req.epochs or None,
                 "init_from": req.init_from or None, "freeze_epochs": req.freeze_epochs,
                 "tower_lr_mult": req.tower_lr_mult}
@@ -145,60 +241,217 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, model_d
     source = fetch_init_source(req.init_from, client) if req.init_from else None
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(PROCESS_ATTR, me)  # first, so the parent can find this trial if we die
         lr = trial.suggest_float("lr", req.lr_low, req.lr_high, log=True)
         wd = trial.suggest_float("weight_decay", req.wd_low, req.wd_high, log=True)
         cfg = build_config("tune", req.preset, {**explicit, "lr": lr, "weight_decay": wd})
-        run = client.create_run(experiment_id, run_name=f"tune/{req.study_name}/trial{trial.number}", tags={
-            "mlflow.parentRunId": parent_run_id, "pairnet.stage": "tune", "pairnet.model": cfg.model_name,
-            "pairnet.seed": str(cfg.seed), "optuna.study": req.study_name, "optuna.trial_number": str(trial.number),
-            "pairnet.data_digest": splits.digest(), **({"pairnet.init_from": source.uri} if source else {}),
-        })
-        child = run.info.run_id
-        trial.set_user_attr("mlflow_run_id", child)
-        client.log_batch(child, params=[mlflow.entities.Param(k, str(v)) for k, v in
-                                        {"lr": lr, "weight_decay": wd, "trial_number": trial.number,
-                                         **{f"cfg.{k}": v for k, v in cfg.to_dict().items()}}.items()])
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model_name, **cfg.model_overrides())
-        if source is not None:
-            copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
-        try:
+        child = None
+        try:  # the run is created inside: whatever fails from here on ends it and the trial
+            run = client.create_run(experiment_id, run_name=f"tune/{req.study_name}/trial{trial.number}", tags={
+                "mlflow.parentRunId": parent_run_id, "pairnet.stage": "tune", "pairnet.model": cfg.model_name,
+                "pairnet.seed": str(cfg.seed), "optuna.study": req.study_name,
+                "optuna.trial_number": str(trial.number), "pairnet.data_digest": splits.digest(), **me,
+                **({"pairnet.init_from": source.uri} if source else {}),
+            })
+            child = run.info.run_id
+            trial.set_user_attr("mlflow_run_id", child)
+            client.log_batch(child, params=[Param(k, str(v)) for k, v in
+                                            {"lr": lr, "weight_decay": wd, "trial_number": trial.number,
+                                             **{f"cfg.{k}": v for k, v in cfg.to_dict().items()}}.items()])
+            torch.manual_seed(cfg.seed)
+            model = create_model(cfg.model_name, **cfg.model_overrides())
+            if source is not None:
+                copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
             result = fit(model, splits.train, splits.val, cfg, device=dev,
                          callbacks=[MlflowCallback(child, client), PruneOnValAcc(trial)])
+            # Every COMPLETE trial keeps its weights (under 4 MB even at the full preset): which
+            # trial is best is only known when the study ends, perhaps in another invocation or
+            # on another machine, and this way no worker has to agree with another on it.
+            _log_weights(client, child, model)
+            client.log_metric(child, "objective_val_acc", result.best_val_acc)
+            client.set_tag(child, "optuna.state", "COMPLETE")
+            client.set_terminated(child, "FINISHED")
+            return result.best_val_acc
         except optuna.TrialPruned:
-            client.set_tag(child, "pruned", "true")
-            client.set_tag(child, "optuna.state", "PRUNED")
-            client.set_terminated(child, "KILLED")
+            _end_child(client, child, "KILLED", {"pruned": "true", "optuna.state": "PRUNED"})
+            raise
+        except (KeyboardInterrupt, Terminated) as err:
+            with _signals_ignored():
+                _end_child(client, child, "KILLED", {"optuna.state": "FAIL", "pairnet.interrupted": type(err).__name__})
+                if isinstance(err, Terminated):  # Optuna fails a trial on KeyboardInterrupt, not on other signals
+                    trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         except BaseException:
-            client.set_tag(child, "optuna.state", "FAIL")
-            client.set_terminated(child, "FAILED")
+            _end_child(client, child, "FAILED", {"optuna.state": "FAIL"})
             raise
-        torch.save({"state": model.state_dict(), "spec": model.spec}, model_dir / f"trial{trial.number}.pt")
-        client.set_tag(child, "optuna.state", "COMPLETE")
-        client.log_metric(child, "objective_val_acc", result.best_val_acc)
-        client.set_terminated(child, "FINISHED")
-        return result.best_val_acc
 
     return objective
 
 
-def _worker(req_dict: dict, parent_run_id: str, experiment_id: str, model_dir: str, n_trials: int,
-            worker: int = 0) -> None:
-    """One worker process: its own storage connection, its share of the trials."""
+class _Slots:
+    """The trials this invocation still owes, shared by the parent and its spawned workers.
+
+    A worker takes a slot before each trial and releases it once the trial has ended; the
+    parent gives a dead worker's slot back, so a replacement runs that trial again.
+    """
+
+    def __init__(self, ctx, n_trials: int, n_workers: int):
+        self.lock = ctx.Lock()
+        self.left = ctx.Value("i", n_trials, lock=False)
+        self.held = ctx.Array("b", n_workers, lock=False)
+
+    def take(self, worker: int) -> bool:
+        with self.lock:
+            if self.left.value <= 0:
+                return False
+            self.left.value -= 1
+            self.held[worker] = 1
+            return True
+
+    def release(self, worker: int) -> None:
+        with self.lock:
+            self.held[worker] = 0
+
+    def give_back(self, worker: int) -> None:
+        with self.lock:
+            if self.held[worker]:
+                self.held[worker] = 0
+                self.left.value += 1
+
+    def remaining(self) -> int:
+        with self.lock:
+            return self.left.value
+
+
+def _worker(req_dict: dict, parent_run_id: str, experiment_id: str, slots: _Slots, worker: int,
+            deadline: float | None) -> None:
+    """One spawned worker: its own storage connection; one trial per slot until none is left."""
     req = TuneRequest(**req_dict)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // req.n_workers))
-    study = make_study(req, open_storage(req.storage_url()), worker)
-    study.optimize(_objective(req, parent_run_id, experiment_id, Path(model_dir)), n_trials=n_trials,
-                   timeout=req.timeout or None, catch=())
+    torch.set_num_threads(max(1, usable_cpus() // req.n_workers))
+    try:
+        with sigterm_raises():
+            study = make_study(req, open_storage(req), worker)
+            objective = _objective(req, parent_run_id, experiment_id)
+            while (deadline is None or time.time() < deadline) and slots.take(worker):
+                study.optimize(objective, n_trials=1, catch=())
+                slots.release(worker)
+    except (KeyboardInterrupt, Terminated) as err:  # the trial already ended KILLED; no traceback
+        sys.exit(128 + (signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM))
+    except PairnetError as err:  # one line, as the CLI would say it; the parent replaces this worker
+        log.error("pairnet: error in tune worker pid %d: %s", os.getpid(), err)
+        sys.exit(2)
+
+
+@dataclass
+class _Worker:
+    process: mp.process.BaseProcess
+    who: ProcessId | None  # None when it died before we could read its start time
+
+
+def _same_process(tags: dict | None, who: ProcessId) -> bool:
+    other = ProcessId.from_tags(tags or {})
+    return (other is not None and other.host == who.host and other.pid == who.pid
+            and abs(other.started - who.started) < 0.5)
+
+
+class _Workers:
+    """The parent's side of several worker processes: spawn, watch, bury, stop."""
+
+    def __init__(self, req: TuneRequest, storage, parent_run_id: str, experiment_id: str):
+        self.req, self.storage, self.parent, self.experiment_id = req, storage, parent_run_id, experiment_id
+        self.ctx = mp.get_context("spawn")
+        self.max_respawns = 2 * req.n_workers
+        self.slots = _Slots(self.ctx, req.n_trials, req.n_workers + self.max_respawns + 1)
+        self.deadline = time.time() + req.timeout if req.timeout else None
+        self.live: dict[int, _Worker] = {}
+        self.spawned = 0
+        self.deaths = 0
+        self.client = MlflowClient()
+
+    def spawn(self) -> None:
+        index = self.spawned
+        p = self.ctx.Process(target=_worker, name=f"pairnet-tune-{index}", args=(
+            asdict(self.req), self.parent, self.experiment_id, self.slots, index, self.deadline))
+        p.start()
+        self.live[index] = _Worker(p, ProcessId.of(p.pid))
+        self.spawned += 1
+
+    def run(self) -> None:
+        for _ in range(min(self.req.n_workers, self.req.n_trials)):
+            self.spawn()
+        try:
+            while self.live:
+                mp.connection.wait([w.process.sentinel for w in self.live.values()], timeout=5)
+                for index, w in list(self.live.items()):
+                    if w.process.exitcode is None:
+                        continue
+                    del self.live[index]
+                    if w.process.exitcode != 0:
+                        self._replace(index, w)
+        except BaseException as err:
+            with _signals_ignored():
+                self.stop(f"tune stopped ({type(err).__name__})")
+            raise
+
+    def _replace(self, index: int, w: _Worker) -> None:
+        self.deaths += 1
+        pid, code = w.process.pid, w.process.exitcode
+        log.warning("tune worker pid %d died (exit code %d)", pid, code)
+        self.bury(w, f"tune worker pid {pid} died (exit code {code})", "FAILED", requeue=True)
+        self.slots.give_back(index)
+        if self.deaths > self.max_respawns:
+            raise PairnetError(f"tune workers died {self.deaths} times (last: pid {pid}, exit code {code}); "
+                               f"gave up after {self.max_respawns} replacements")
+        if self.slots.remaining() > 0 and (self.deadline is None or time.time() < self.deadline):
+            self.spawn()
+
+    def stop(self, reason: str) -> None:
+        """SIGTERM every live worker (each ends its trial KILLED), SIGKILL those still there after a while."""
+        for w in self.live.values():
+            w.process.terminate()
+        until = time.monotonic() + STOP_WAIT_S
+        for w in self.live.values():
+            w.process.join(max(0.0, until - time.monotonic()))
+        for w in self.live.values():
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            self.bury(w, f"{reason}: worker pid {w.process.pid}", "KILLED", requeue=False)
+        self.live.clear()
+
+    def bury(self, w: _Worker, reason: str, status: str, requeue: bool) -> None:
+        """End what a dead worker left RUNNING: its child runs, and its trials (re-queued if asked)."""
+        pid = w.process.pid
+        found = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{self.parent}' and tags.`pairnet.process.pid` = '{pid}' "
+            f"and attributes.status = 'RUNNING'"))
+        for run in found:
+            if w.who is None or _same_process(run.data.tags, w.who):
+                _end_child(self.client, run.info.run_id, status, {SWEPT_REASON: reason, "optuna.state": "FAIL"})
+        if w.who is None:
+            return  # trials are matched by full identity only; the heartbeat fails any left over
+        study = optuna.load_study(study_name=self.req.study_name, storage=self.storage)
+        retry = self.storage.get_heartbeat_stale_trial_callback()
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if not _same_process(t.user_attrs.get(PROCESS_ATTR), w.who):
+                continue
+            try:
+                failed = study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # the heartbeat got there first (and re-queued it)
+            log.warning("trial %d failed: %s", t.number, reason)
+            if requeue and retry is not None:
+                retry(study, failed)
 
 
 def run_tune(req: TuneRequest) -> dict:
-    from pairnet.stages import setup_tracking
+    from pairnet.stages import load_splits, setup_tracking
 
     req.validate()
     url = req.storage_url()
-    storage = open_storage(url)  # a bad URL fails here, before any run exists
+    storage = open_storage(req)  # a bad URL fails here, before any run exists
+    pick_device(req.device)  # as does a device that is not there
+    splits = load_splits(req.data_dir, req.preset)  # made here if absent, not by several workers at once
     setup_tracking()
     if req.init_from:  # a missing model or a mismatched architecture fails before any run exists
         cfg = build_config("tune", req.preset, {"model_name": req.model_name, "init_from": req.init_from})
@@ -208,32 +461,32 @@ def run_tune(req: TuneRequest) -> dict:
     study = make_study(req, storage)
     before = len(study.trials)
     parent = start_or_attach(f"tune/{req.study_name}", {"pairnet.stage": "tune", "pairnet.model": req.model_name,
-                                                        "optuna.study": req.study_name})
+                                                        "optuna.study": req.study_name,
+                                                        "optuna.storage": mask_url(url), **ProcessId.current().as_tags()})
     experiment_id = MlflowClient().get_run(parent).info.experiment_id
-    model_dir = Path(tempfile.mkdtemp(prefix="pairnet-tune-"))
     with managed_run(parent):
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items() if k != "storage"})
-        mlflow.log_param("tune.storage", url.split("@")[-1])  # never log credentials
-        shares = [req.n_trials // req.n_workers + (i < req.n_trials % req.n_workers) for i in range(req.n_workers)]
+        mlflow.log_param("tune.storage", mask_url(url))  # never log credentials
         if req.n_workers == 1:
-            _worker(asdict(req), parent, experiment_id, str(model_dir), req.n_trials)
+            study.optimize(_objective(req, parent, experiment_id, splits), n_trials=req.n_trials,
+                           timeout=req.timeout or None, catch=())
         else:
-            ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_worker, args=(asdict(req), parent, experiment_id, str(model_dir), n, i))
-                     for i, n in enumerate(shares) if n]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
-            failed = [p.exitcode for p in procs if p.exitcode]
-            if failed:
-                raise PairnetError(f"{len(failed)} tuning worker(s) failed (exit codes {failed})")
+            _Workers(req, storage, parent, experiment_id).run()
         study = make_study(req, storage)
-        summary = _summarise(study, before, model_dir, req)
+        summary = _summarise(study, before, req, splits)
     return summary
 
 
-def _summarise(study: optuna.Study, before: int, model_dir: Path, req: TuneRequest) -> dict:
+def _registered_version(name: str, trial_run: str) -> str | None:
+    """The version already registered from this trial's weights (by an earlier invocation), if any."""
+    try:
+        found = MlflowClient().search_model_versions(f"name = '{name}' and tags.optuna_trial_run = '{trial_run}'")
+    except MlflowException:
+        return None
+    return str(found[0].version) if found else None
+
+
+def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) -> dict:
     states = {}
     for t in study.trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
@@ -242,28 +495,40 @@ def _summarise(study: optuna.Study, before: int, model_dir: Path, req: TuneReque
     mlflow.log_metric("trials_this_invocation", float(len(study.trials) - before))
     summary = {"study": study.study_name, "trials": len(study.trials), "states": states}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if complete:
-        best = study.best_trial
-        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
-        mlflow.log_metric("best_value", best.value)
-        summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
-        _log_plots(study)
-        saved = model_dir / f"trial{best.number}.pt"
-        if saved.exists():  # the best trial ran in this invocation: register its model
-            state = torch.load(saved, map_location="cpu", weights_only=True)
-            model = model_from_spec(state["spec"])
-            model.load_state_dict(state["state"])
-            from pairnet.stages import load_splits
+    if not complete:
+        return summary
+    best = study.best_trial
+    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
+    mlflow.log_metric("best_value", best.value)
+    summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
+    _log_plots(study)
+    name = registry.registered_name(req.model_name)
+    trial_run = best.user_attrs.get("mlflow_run_id")
+    known = _registered_version(name, trial_run) if trial_run else None
+    if known is not None:
+        mlflow.set_tag("pairnet.best_model", f"models:/{name}/{known}")
+        summary.update(registered=name, version=known, promoted=None)
+        return summary
+    try:  # the weights live with the trial's run, wherever and whenever it ran
+        model = load_trial_weights(trial_run) if trial_run else None
+    except (MlflowException, OSError) as err:
+        model = None
+        log.warning("best trial %d (run %s) has no %s artifact: %s", best.number, trial_run, WEIGHTS, err)
+    if model is None:
+        mlflow.set_tag("pairnet.best_model", f"not registered: trial {best.number} logged no weights")
+        return summary
+    from pairnet.stages import load_splits
 
-            splits = load_splits(req.data_dir, req.preset)
-            name = registry.registered_name(req.model_name)
-            info = log_pair_model(model, splits.val.x, registered_name=name)
-            version = str(info.registered_model_version)
-            registry.tag_version(name, version, {"val_acc": f"{best.value:.6f}", "stage": "tune",
-                                                 "model": req.model_name, "optuna_trial": best.number})
-            decision = registry.champion_gate(name, version, best.value)
-            mlflow.set_tag("pairnet.champion_decision", "promoted" if decision.promoted else "kept")
-            summary.update(registered=name, version=version, promoted=decision.promoted)
+    splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
+    info = log_pair_model(model, splits.val.x, registered_name=name)
+    version = str(info.registered_model_version)
+    registry.tag_version(name, version, {"val_acc": f"{best.value:.6f}", "stage": "tune", "model": req.model_name,
+                                         "optuna_study": study.study_name, "optuna_trial": best.number,
+                                         "optuna_trial_run": trial_run})
+    decision = registry.champion_gate(name, version, best.value)
+    mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
+                     "pairnet.best_model": f"models:/{name}/{version}"})
+    summary.update(registered=name, version=version, promoted=decision.promoted)
     return summary
 
 

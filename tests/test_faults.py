@@ -16,12 +16,15 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import optuna
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import _free_port, mlflow_run, user_env
 from test_server import pairnet as in_folder
+from test_tune_faults import FINISHED, _finish, _running_trials, _tune
+from test_tune_faults import _runs as _tune_runs
 from pairnet.cli import main
 from pairnet.data.pairs import PairSet, load_pairs, save_pairs
 
@@ -281,6 +284,42 @@ def test_sigkilled_run_is_swept_then_resumed(mlflow_server, tiny_data):
     assert resumed.info.status == "FINISHED" and resumed.data.tags["pairnet.resumed_from"] == run_id
     assert _history(client, resumed.info.run_id) == list(range(1, epochs + 1))
     assert not [r for r in runs_of(client, "it-faults-sigkill") if r.info.status == "RUNNING"]
+
+
+# ------------------------------------------------------------------ tuning
+def test_worker_killed_mid_trial_is_replaced(mlflow_server, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    experiment = "it-tune-kill"
+    client = MlflowClient()
+    log_path = tmp_path / "tune.log"
+    cmd = _tune(tiny_data, storage, "k", "--epochs", "4", "--n-trials", "3", "--n-workers", "2",
+                "--heartbeat-interval", "1", "--grace-period", "3")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=user_env(mlflow_server, experiment), stdout=log, stderr=subprocess.STDOUT)
+    victim_run = _running_trials(client, experiment, proc, want=1)[0]
+    victim = int(victim_run.data.tags["pairnet.process.pid"])
+    assert victim in {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    os.kill(victim, signal.SIGKILL)
+    out = _finish(proc, log_path, timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+
+    study = optuna.load_study(study_name="k", storage=storage)
+    assert len([t for t in study.trials if t.state in FINISHED]) == 3
+    assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+    killed = int(victim_run.data.tags["optuna.trial_number"])
+    assert study.trials[killed].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].params == study.trials[killed].params  # re-queued, same lr and wd
+    assert f"trial {killed} failed: tune worker pid {victim} died" in out  # by the parent, not after a grace period
+
+    runs = _tune_runs(client, experiment)
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    swept = client.get_run(victim_run.info.run_id)
+    assert swept.info.status == "FAILED"
+    assert swept.data.tags["pairnet.swept"].startswith(f"tune worker pid {victim} died")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["pairnet.best_model"].startswith("models:/pairnet-compare_cnn/")
 
 
 # ------------------------------------------------------------------ seeds
