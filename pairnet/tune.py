@@ -20,7 +20,7 @@ Nothing lost, nothing left RUNNING:
   and a replacement worker takes its place until this invocation has added ``n_trials``
   finished (COMPLETE or PRUNED) trials. Optuna's heartbeat does the same for trials whose
   process nobody watches (another machine, a killed parent);
-- each COMPLETE trial logs its weights as artifact ``weights/model.pt`` of its child run, so
+- each COMPLETE trial logs its weights (artifact folder ``weights/``: safetensors + spec) on its child run, so
   the best trial is registered whichever invocation or machine ran it.
 """
 
@@ -48,7 +48,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pairnet.errors import PairnetError
-from pairnet.models import create_model, model_from_spec
+from pairnet.models import create_model
+from pairnet.serving import load_pair_dir, save_pair_dir
 from pairnet.paths import data_dir as default_data_dir
 from pairnet.presets import build_config
 from pairnet.proc import ProcessId
@@ -63,7 +64,7 @@ from pairnet.train.loop import Callback, fit, pick_device
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "weights/model.pt"  # artifact of each COMPLETE trial's child run: {"state": state dict, "spec": dict}
+WEIGHTS = "weights"  # artifact folder of each COMPLETE trial's child run: weights.safetensors + spec.json
 PROCESS_ATTR = "pairnet.process"  # trial user attr: ProcessId.as_tags() of the process running it
 SWEPT_REASON = SWEPT_TAG  # the same tag the orphan sweep sets
 STOP_WAIT_S = 20.0  # how long stopped workers get to end their trials KILLED before SIGKILL
@@ -209,22 +210,17 @@ def _end_child(client: MlflowClient, run_id: str | None, status: str, tags: dict
 
 
 def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module) -> None:
-    # Tensors and plain containers only, so torch.load(weights_only=True) reads it back.
-    state = {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "spec": dict(model.spec)}
+    # safetensors + spec.json, the pickle-free format every pairnet model uses.
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(WEIGHTS).name
-        torch.save(state, path)
-        client.log_artifact(run_id, str(path), artifact_path=str(Path(WEIGHTS).parent))
+        folder = save_pair_dir(model, Path(tmp) / WEIGHTS)
+        client.log_artifacts(run_id, str(folder), artifact_path=WEIGHTS)
 
 
 def load_trial_weights(run_id: str):
-    """The model a COMPLETE trial logged (artifact ``weights/model.pt`` of its child run)."""
+    """The model a COMPLETE trial logged (artifact folder ``weights/`` of its child run)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    model = model_from_spec(state["spec"])
-    model.load_state_dict(state["state"])
-    return model
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS, dst_path=tmp)
+        return load_pair_dir(folder)
 
 
 def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=None):
@@ -245,7 +241,7 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
         lr = trial.suggest_float("lr", req.lr_low, req.lr_high, log=True)
         wd = trial.suggest_float("weight_decay", req.wd_low, req.wd_high, log=True)
         cfg = build_config("tune", req.preset, {**explicit, "lr": lr, "weight_decay": wd})
-        child = None
+        child, tracker = None, None
         try:  # the run is created inside: whatever fails from here on ends it and the trial
             run = client.create_run(experiment_id, run_name=f"tune/{req.study_name}/trial{trial.number}", tags={
                 "mlflow.parentRunId": parent_run_id, "pairnet.stage": "tune", "pairnet.model": cfg.model_name,
@@ -262,8 +258,8 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
             model = create_model(cfg.model_name, **cfg.model_overrides())
             if source is not None:
                 copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
-            result = fit(model, splits.train, splits.val, cfg, device=dev,
-                         callbacks=[MlflowCallback(child, client), PruneOnValAcc(trial)])
+            tracker = MlflowCallback(child, client, checkpoint_every=0)
+            result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[tracker, PruneOnValAcc(trial)])
             # Every COMPLETE trial keeps its weights (under 4 MB even at the full preset): which
             # trial is best is only known when the study ends, perhaps in another invocation or
             # on another machine, and this way no worker has to agree with another on it.
@@ -273,19 +269,28 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
             client.set_terminated(child, "FINISHED")
             return result.best_val_acc
         except optuna.TrialPruned:
+            _flush(tracker)
             _end_child(client, child, "KILLED", {"pruned": "true", "optuna.state": "PRUNED"})
             raise
         except (KeyboardInterrupt, Terminated) as err:
             with _signals_ignored():
+                _flush(tracker)
                 _end_child(client, child, "KILLED", {"optuna.state": "FAIL", "pairnet.interrupted": type(err).__name__})
                 if isinstance(err, Terminated):  # Optuna fails a trial on KeyboardInterrupt, not on other signals
                     trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         except BaseException:
+            _flush(tracker)
             _end_child(client, child, "FAILED", {"optuna.state": "FAIL"})
             raise
 
     return objective
+
+
+def _flush(tracker: MlflowCallback | None) -> None:
+    """The epochs a trial ran reach its run before the run ends (pruned, killed, failed)."""
+    if tracker is not None:
+        tracker.close(timeout=60)
 
 
 class _Slots:
