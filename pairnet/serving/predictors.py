@@ -23,24 +23,28 @@ BATCH = 1024
 
 
 def save_pair_dir(model: PairModel, folder: str | Path) -> Path:
-    """Write ``weights.safetensors`` + ``spec.json`` for serving (the digit head is training-only)."""
+    """Write ``weights.safetensors`` + ``spec.json``: every tensor (the digit head included,
+    which serving ignores and fine-tuning with ``init_from`` reuses) and the zoo spec."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {k: v for k, v in model.spec.items() if k != "digit_head"}
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-             if not k.startswith("digit_head.")}
+    spec = dict(model.spec)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
     (folder / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
     return folder
 
 
-def load_pair_dir(folder: str | Path) -> PairModel:
+def read_pair_dir(folder: str | Path) -> tuple[dict, dict]:
+    """(spec, tensors) of a model folder; safetensors holds tensors only, nothing to unpickle."""
     folder = Path(folder)
     try:
-        spec = json.loads((folder / SPEC).read_text())
-        state = load_file(str(folder / WEIGHTS))
+        return json.loads((folder / SPEC).read_text()), load_file(str(folder / WEIGHTS))
     except (OSError, ValueError) as err:
         raise PairnetError(f"{folder}: not a pairnet model folder ({WEIGHTS} + {SPEC}): {err}") from None
+
+
+def load_pair_dir(folder: str | Path) -> PairModel:
+    spec, state = read_pair_dir(folder)
     try:
         model = model_from_spec(spec)
         model.load_state_dict(state)

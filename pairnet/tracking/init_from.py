@@ -1,20 +1,20 @@
 """``init_from``: resolve a registry URI to one exact version and fetch its weights.
 
-Weights come from the version's run checkpoint (``checkpoint/last.pt``, read with
-``torch.load(weights_only=True)``): the best-validation weights that were registered,
-with the model spec needed to check the architecture. Nothing is unpickled.
+Weights are the registered model's own files (``weights.safetensors`` + ``spec.json``,
+digit head included): the best-validation weights, with the spec needed to check the
+architecture. A version pairnet did not log is refused; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pairnet.errors import PairnetError
-from pairnet.tracking.registry import resolve_version
 from pairnet.train.loop import load_checkpoint
 
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
@@ -41,13 +41,15 @@ def download_checkpoint(run_id: str, client: MlflowClient | None = None, *, purp
 
 
 def fetch_init_source(uri: str, client: MlflowClient | None = None) -> InitSource:
+    from pairnet.serving.predictors import read_pair_dir
+    from pairnet.tracking.model import check_version, copy_model_artifacts
+
     client = client or MlflowClient()
     try:
-        mv = resolve_version(uri, client)
+        mv = check_version(uri, client)
     except PairnetError as err:
         raise PairnetError(f"init_from: {err}; run the pretrain entry point first, or see `pairnet models`") from None
     exact = f"models:/{mv.name}/{mv.version}"
-    ckpt = download_checkpoint(mv.run_id, client, purpose=f"for init_from {exact} (train it with a pairnet stage "
-                                                          "or pretrain)")
-    state = ckpt.get("best_state") or ckpt["model"]
-    return InitSource(uri=exact, run_id=mv.run_id, state=state, spec=ckpt.get("spec", {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, state = read_pair_dir(copy_model_artifacts(exact, Path(tmp), client))
+    return InitSource(uri=exact, run_id=mv.run_id, state=state, spec=spec)

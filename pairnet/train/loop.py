@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from pairnet.data.augment import augment_batch
 from pairnet.data.pairs import PairSet
 from pairnet.errors import PairnetError
+from pairnet.fsutil import atomic_path
 from pairnet.train.config import TrainConfig
 from pairnet.train.losses import make_loss
 from pairnet.train.metrics import binary_metrics
@@ -161,9 +161,8 @@ def metrics_from_logits(logits: torch.Tensor, y: np.ndarray, *, loss_fn=None, pr
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash mid-write never leaves a torn checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:
