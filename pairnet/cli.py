@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pairnet.errors import PairnetError
+from pairnet.redact import mask_url
 
 log = logging.getLogger("pairnet")
 
@@ -443,7 +444,7 @@ def _cmd_pipeline(args) -> int:
     if out["reused"]:
         print(f"reused {len(out['reused'])} finished steps: {', '.join(out['reused'])}")
     print(f"predictions: {out['predictions']}")
-    print(f"MLflow UI: {out['ui']}  (pipeline run {out['run_id']})")
+    print(f"MLflow UI: {mask_url(out['ui'])}  (pipeline run {out['run_id']})")
     return 0
 
 
@@ -489,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PairnetError as err:
-        print(f"pairnet: error: {err}", file=sys.stderr)
+        print(f"pairnet: error: {mask_url(str(err))}", file=sys.stderr)  # no password in any message
         return 2
     except KeyboardInterrupt:
         print("pairnet: interrupted", file=sys.stderr)
