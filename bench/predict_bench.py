@@ -6,7 +6,7 @@ weights) and a two-model stack folder (the same files plus a LightGBM text model
 lineage), then runs `pairnet predict --model FOLDER` for each in a fresh process and
 reads the child's peak RSS from the kernel (wait4). Target: peak RSS <= 3 GB.
 
-Usage: python bench/predict_bench.py [--pairs 200000] [--model-name resnet_optimized]
+Usage: python bench/predict_bench.py [--pairs 200000] [--model-name resnet_optimized] [--width-mult 1]
 Last line: a JSON object of the figures.
 """
 
@@ -31,7 +31,7 @@ from pairnet.serving.predictors import LINEAGE, META_MODEL
 TARGET_MB = 3 * 1024
 
 
-def make_stack(folder: Path, model_name: str) -> None:
+def make_stack(folder: Path, model_name: str, width_mult: float) -> None:
     import lightgbm
 
     keys = ["base-a", "base-b"]
@@ -39,7 +39,7 @@ def make_stack(folder: Path, model_name: str) -> None:
         import torch
 
         torch.manual_seed(i)
-        save_pair_dir(create_model(model_name), folder / "bases" / key)
+        save_pair_dir(create_model(model_name, width_mult=width_mult), folder / "bases" / key)
     rng = np.random.default_rng(0)
     p = rng.random((500, 2))
     feats = np.column_stack([p[:, 0], np.log(p[:, 0] / (1 - p[:, 0])), p[:, 1], np.log(p[:, 1] / (1 - p[:, 1]))])
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=200_000)
     ap.add_argument("--model-name", default="resnet_optimized")
+    ap.add_argument("--width-mult", type=float, default=1.0, help="0.5: the width the quick preset trains")
     ap.add_argument("--kinds", default="pair,stack", help="which predictors to measure: pair, stack or both")
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
@@ -75,9 +76,10 @@ def main() -> None:
         ids = np.char.add("BIG_", np.char.zfill(np.arange(args.pairs).astype(str), 7))
         save_pairs(tmp / "big.npz", PairSet(x=x, ids=ids))
         del x
-        save_pair_dir(create_model(args.model_name), tmp / "pair")
-        make_stack(tmp / "stack", args.model_name)
-        figures = {"pairs": args.pairs, "model": args.model_name, "target_peak_rss_mb": TARGET_MB}
+        save_pair_dir(create_model(args.model_name, width_mult=args.width_mult), tmp / "pair")
+        make_stack(tmp / "stack", args.model_name, args.width_mult)
+        figures = {"pairs": args.pairs, "model": args.model_name, "width_mult": args.width_mult,
+                   "target_peak_rss_mb": TARGET_MB}
         for kind in kinds:
             seconds, peak = run_predict(tmp / kind, tmp / "big.npz", tmp / f"{kind}.csv")
             rows = sum(1 for _ in open(tmp / f"{kind}.csv")) - 1
