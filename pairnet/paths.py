@@ -31,7 +31,3 @@ def data_dir() -> Path:
 def server_dir() -> Path:
     """Tracking-server state: SQLite store, artifacts, pid and log files."""
     return data_dir() / "mlflow"
-
-
-def cache_dir() -> Path:
-    return data_dir() / "cache"

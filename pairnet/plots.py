@@ -1,4 +1,8 @@
-"""Figures shared by runs, stacking and notebooks (matplotlib, Agg backend)."""
+"""Figures shared by runs and stacking, written to files.
+
+Built on ``matplotlib.figure.Figure`` directly, not pyplot: no global backend is chosen,
+so importing this in a notebook leaves its inline figures alone.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
+from pairnet.data.pairs import to_labels
 
-def _plt():
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _figure(figsize: tuple[float, float]):
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(figsize=figsize)
 
 
 def learning_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
-    plt = _plt()
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = _figure((9, 3.4))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax1.plot(epochs, [h["val_loss"] for h in history], label="val")
     ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
@@ -29,16 +32,15 @@ def learning_curves(history: list[dict], path: str | Path, title: str = "") -> P
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 
 def confusion(y: np.ndarray, prob: np.ndarray, path: str | Path, title: str = "") -> Path:
-    plt = _plt()
-    pred = (prob >= 0.5).astype(int)
+    pred = to_labels(prob)
     m = np.zeros((2, 2), dtype=int)
     np.add.at(m, (y.astype(int), pred), 1)
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    fig = _figure((3.6, 3.2))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     for i in range(2):
         for j in range(2):
@@ -47,13 +49,12 @@ def confusion(y: np.ndarray, prob: np.ndarray, path: str | Path, title: str = ""
     ax.set_title(title or "validation confusion matrix", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 
 def bar_chart(labels: list[str], values: list[float], path: str | Path, ylabel: str, title: str = "") -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels)), 3.4))
+    fig = _figure((max(4, 0.8 * len(labels)), 3.4))
+    ax = fig.subplots()
     ax.bar(range(len(labels)), values, color="tab:blue")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     lo = min(values) if values else 0
@@ -64,5 +65,4 @@ def bar_chart(labels: list[str], values: list[float], path: str | Path, ylabel: 
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)

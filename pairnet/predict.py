@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pairnet.data.pairs import load_pairs, write_labels_csv
+from pairnet.data.pairs import load_pairs, to_labels, write_labels_csv
 from pairnet.errors import PairnetError
 
 DEFAULT_MODEL = "models:/pairnet-stack@champion"
@@ -48,7 +48,7 @@ def predict_file(model_uri: str, data: str | Path, out: str | Path) -> int:
     out = check_out_path(out, data)
     model = load_model(model_uri)  # a bad URI fails before the data is read
     pairs = load_pairs(data)
-    labels = (probabilities(model, pairs.x) >= 0.5).astype(int)
+    labels = to_labels(probabilities(model, pairs.x))
     write_labels_csv(out, pairs.ids_or_index(), labels)
     return len(labels)
 

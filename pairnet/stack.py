@@ -21,9 +21,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pairnet.data.generate import FILES
-from pairnet.data.pairs import PairSet, load_pairs, write_npz
+from pairnet.data.pairs import PairSet, load_pairs, to_labels, write_npz
 from pairnet.errors import PairnetError
 from pairnet.tracking import registry
+from pairnet.train.metrics import accuracy
 from pairnet.tracking.model import KIND_TAG, check_version, load_trusted
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> tup
     for train_idx, test_idx in StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, y):
         model = make_lgbm(seed).fit(x[train_idx], y[train_idx])
         oof[test_idx] = model.predict_proba(x[test_idx])[:, 1]
-        folds.append(float(((oof[test_idx] >= 0.5) == y[test_idx]).mean()))
+        folds.append(accuracy(oof[test_idx], y[test_idx]))
     return oof, folds
 
 
@@ -198,7 +199,7 @@ def run_stack(req: StackRequest) -> dict:
         x_pub = meta_features([probs[b.key]["public"] for b in bases])
 
         oof, folds = cross_validate(x_val, y_val, req.n_folds, req.seed)
-        cv_acc = float(((oof >= 0.5) == y_val).mean())
+        cv_acc = accuracy(oof, y_val)
         for i, acc in enumerate(folds, start=1):
             mlflow.log_metric("cv_fold_acc", acc, step=i)
         mlflow.log_metrics({"cv_oof_acc": cv_acc, "cv_fold_acc_std": float(np.std(folds))})
@@ -207,15 +208,15 @@ def run_stack(req: StackRequest) -> dict:
         table = []
 
         def judge(method: str, p: np.ndarray) -> None:
-            table.append({"method": method, "test_public_acc": float(((p >= 0.5) == y_pub).mean())})
+            table.append({"method": method, "test_public_acc": accuracy(p, y_pub)})
 
         judge("lightgbm_stack", meta.predict_proba(x_pub)[:, 1])
-        val_accs = {b.key: float(((probs[b.key]["val"] >= 0.5) == y_val).mean()) for b in bases}
+        val_accs = {b.key: accuracy(probs[b.key]["val"], y_val) for b in bases}
         best = max(val_accs, key=val_accs.get)  # chosen on val, judged on test_public
         judge(f"best_single ({best})", probs[best]["public"])
         pub = np.stack([probs[b.key]["public"] for b in bases])
         judge("mean_probability", pub.mean(axis=0))
-        judge("majority_vote", ((pub >= 0.5).mean(axis=0) > 0.5).astype(float))
+        judge("majority_vote", (to_labels(pub).mean(axis=0) > 0.5).astype(float))
         lr = LogisticRegression(max_iter=1000).fit(x_val, y_val)
         judge("logistic_regression_stack", lr.predict_proba(x_pub)[:, 1])
         for row in table:
@@ -239,7 +240,7 @@ def run_stack(req: StackRequest) -> dict:
                 x_prv = meta_features([probs[b.key]["private"] for b in bases])
                 p = meta.predict_proba(x_prv)[:, 1]
                 ids = splits["private"].ids_or_index()
-                pd.DataFrame({"id": ids, "label": (p >= 0.5).astype(int)}).to_csv(tmp / "submission_private.csv",
+                pd.DataFrame({"id": ids, "label": to_labels(p)}).to_csv(tmp / "submission_private.csv",
                                                                                  index=False)
             mlflow.log_artifacts(str(tmp))
             # The served stack: exactly these base versions' weights, the booster and the lineage.

@@ -21,6 +21,8 @@ from pairnet.errors import PairnetError
 from pairnet.fsutil import atomic_path
 
 IMAGE_SHAPE = (28, 56)
+# A probability of label 1 at or above this is predicted as label 1, everywhere.
+THRESHOLD = 0.5
 # Fixed zip timestamps make files written from the same arrays byte-identical.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -38,10 +40,6 @@ class PairSet:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
-
-    @property
-    def has_labels(self) -> bool:
-        return self.y is not None
 
     def require_labels(self) -> np.ndarray:
         if self.y is None:
@@ -75,6 +73,11 @@ class PairSet:
             out["id_pattern"] = id_pattern(self.ids)
         out["extras"] = sorted(self.extras)
         return out
+
+
+def to_labels(prob) -> np.ndarray:
+    """0/1 labels from probabilities of label 1."""
+    return (np.asarray(prob) >= THRESHOLD).astype(np.int64)
 
 
 def id_pattern(ids: np.ndarray) -> str:
@@ -125,7 +128,7 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str) -> PairSet:
     if x.dtype != np.uint8:
         raise _fail(source, f"'x' has dtype {x.dtype}, expected uint8")
     if x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE:
-        raise _fail(source, f"'x' has shape {x.shape}, expected (N, 28, 56)")
+        raise _fail(source, f"'x' has shape {x.shape}, expected (N, {IMAGE_SHAPE[0]}, {IMAGE_SHAPE[1]})")
     n = x.shape[0]
     if n == 0:
         raise _fail(source, "is empty (N = 0 pairs)")

@@ -10,15 +10,13 @@ from pairnet.data.pairs import PairSet
 
 
 def preview_grid(pairs: PairSet, out: str | Path, n: int = 24, cols: int = 4, seed: int = 0) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend is switched
 
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(pairs), size=min(n, len(pairs)), replace=False))
     rows = -(-pick.size // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 1.6), squeeze=False)
+    fig = Figure(figsize=(cols * 2.6, rows * 1.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     digits = (pairs.extras.get("digit_a"), pairs.extras.get("digit_b"))
@@ -35,5 +33,4 @@ def preview_grid(pairs: PairSet, out: str | Path, n: int = 24, cols: int = 4, se
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out

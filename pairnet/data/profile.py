@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pairnet.data.pairs import load_pairs
+from pairnet.data.pairs import IMAGE_SHAPE, load_pairs
 from pairnet.errors import PairnetError
 
 REAL_PROFILE = Path(__file__).with_name("real_profile.json")
@@ -49,7 +49,7 @@ def _percentiles(name: str, values: np.ndarray, out: dict) -> None:
 def profile(x: np.ndarray) -> dict:
     """The statistics of pair images ``x`` (uint8, N×28×56)."""
     x = np.asarray(x)
-    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 56) or x.shape[0] == 0:
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != IMAGE_SHAPE or x.shape[0] == 0:
         raise PairnetError(f"cannot profile {x.dtype} images of shape {x.shape}, expected uint8 (N, 28, 56) with N > 0")
     counts = np.zeros(256, dtype=np.int64)
     image_sum = np.zeros((28, 28), dtype=np.int64)

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from pairnet.data.pairs import IMAGE_SHAPE, to_labels
 from pairnet.errors import PairnetError
 from pairnet.models import PairModel, model_from_spec
 
@@ -60,7 +61,7 @@ def _as_pairs(x) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype != np.uint8:
         x = x.astype(np.uint8)
-    return x.reshape(-1, 28, 56)
+    return x.reshape(-1, *IMAGE_SHAPE)
 
 
 class PairPredictor:
@@ -118,4 +119,4 @@ class StackPredictor:
 
     def predict(self, x) -> pd.DataFrame:
         p = self.probabilities(x)
-        return pd.DataFrame({"label": (p >= 0.5).astype(np.int64), "probability": p})
+        return pd.DataFrame({"label": to_labels(p), "probability": p})

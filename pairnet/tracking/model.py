@@ -27,6 +27,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from pairnet.data.pairs import IMAGE_SHAPE
 from pairnet.errors import PairnetError
 from pairnet.models.pair import PairModel
 from pairnet.serving import PairPredictor, StackPredictor, save_pair_dir
@@ -38,7 +39,7 @@ KIND_TAG = "pairnet.kind"  # pair | stack
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "pyfunc.py"
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 56))]),
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
 )
 

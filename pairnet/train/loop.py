@@ -42,7 +42,6 @@ class FitResult:
     best_val_acc: float
     stopped_early: bool
     final: dict[str, float] = field(default_factory=dict)  # val metrics of the restored best weights
-    checkpoint: Path | None = None
     val_prob: np.ndarray | None = None  # val probabilities of the restored best weights
 
 
@@ -372,7 +371,7 @@ def fit(
     logits = predict_logits(model, xv, device=device, batch_size=cfg.eval_batch_size, amp=dtype)
     final = metrics_from_logits(logits, yv, loss_fn=loss_fn)
     result = FitResult(history=history, best_epoch=best_epoch, best_val_acc=best_acc, stopped_early=stopped_early,
-                       final=final, checkpoint=ckpt, val_prob=torch.sigmoid(logits).numpy())
+                       final=final, val_prob=torch.sigmoid(logits).numpy())
     for cb in callbacks:
         cb.on_fit_end(result)
     return result

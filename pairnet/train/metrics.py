@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
+from pairnet.data.pairs import to_labels
+
+
+def accuracy(prob: np.ndarray, y: np.ndarray) -> float:
+    return float((to_labels(prob) == np.asarray(y)).mean())
+
 
 def binary_metrics(prob: np.ndarray, y: np.ndarray, prefix: str = "") -> dict[str, float]:
-    pred = (prob >= 0.5).astype(np.int64)
+    pred = to_labels(prob)
     out = {
         "acc": float((pred == y).mean()),
         "f1": float(f1_score(y, pred, zero_division=0)),
