@@ -27,7 +27,7 @@ from pairnet.fsutil import folder_lock
 from pairnet.paths import PACKAGE_DIR
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
-from pairnet.tracking.lifecycle import managed_run, start_or_attach
+from pairnet.tracking.lifecycle import experiment_url, managed_run, start_or_attach
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,8 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
             mlflow.log_artifacts(tmp)
         mlflow.log_metrics({"steps_reused": float(len(reused)), "stack_test_public_acc": stack["test_public_acc"]})
         mlflow.set_tag("pairnet.reused_steps", ",".join(reused)[:5000])
-    return {"run_id": parent, "table": table, "reused": reused, "ui": uri, "predictions": str(pred_path)}
+    ui = experiment_url(uri, client.get_run(parent).info.experiment_id)
+    return {"run_id": parent, "table": table, "reused": reused, "ui": ui, "predictions": str(pred_path)}
 
 
 def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest, splits,

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import JOURNEY_EXPERIMENT as EXPERIMENT
 from conftest import ROOT
+from pairnet.tracking.lifecycle import experiment_url
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,12 @@ def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
         exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
-        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs")  # the "Training runs" tab
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+        # The link the pipeline prints opens the experiment on its runs, not on the GenAI overview.
+        first, _, _ = pipeline_runs
+        link = next(ln for ln in first.stdout.splitlines() if ln.startswith("MLflow UI: ")).split()[2]
+        assert link == experiment_url(mlflow_server, exp.experiment_id)
+        driver.get(link)
         WebDriverWait(driver, 90).until(lambda d: "pipeline/tiny" in d.find_element("tag name", "body").text)
         body = driver.find_element("tag name", "body").text
         assert "pipeline/tiny" in body and "matching runs" in body

@@ -85,7 +85,25 @@ def start_or_attach(run_name: str, tags: dict, nested: bool = False, parent_run_
         run = mlflow.start_run(run_name=run_name, tags=tags, nested=nested, log_system_metrics=True)
         if run.info.run_name != run_name:
             MlflowClient().set_tag(run.info.run_id, "mlflow.runName", run_name)
+        mark_training_experiment(run.info.experiment_id)
     return run.info.run_id
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's runs in the MLflow UI. MLflow 3.17's UI opens an experiment on an
+    (empty) GenAI overview unless the link asks for the machine-learning view."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def mark_training_experiment(experiment_id: str, client: MlflowClient | None = None) -> None:
+    """Tag the experiment's kind as model training (``mlflow.experimentKind``), as MLflow's
+    UI records it; a kind the user chose is kept."""
+    client = client or MlflowClient()
+    if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
 
 
 SWEPT_TAG = "pairnet.swept"
