@@ -5,4 +5,4 @@ import sys
 from pairnet.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["pretrain", "--mlproject", *sys.argv[1:]]))
+    sys.exit(main(["pretrain", *sys.argv[1:]]))

@@ -5,4 +5,4 @@ import sys
 from pairnet.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["stage1", "--mlproject", *sys.argv[1:]]))
+    sys.exit(main(["stage1", *sys.argv[1:]]))

@@ -5,4 +5,4 @@ import sys
 from pairnet.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["stage3", "--mlproject", *sys.argv[1:]]))
+    sys.exit(main(["stage3", *sys.argv[1:]]))

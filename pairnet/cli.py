@@ -11,10 +11,13 @@ import logging
 import math
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from pairnet.errors import PairnetError
+from pairnet.presets import recipe_config
 from pairnet.redact import mask_url
+from pairnet.train.config import TrainConfig, field_type
 
 log = logging.getLogger("pairnet")
 
@@ -172,22 +175,6 @@ def _add_server(sub) -> None:
 
 
 # ---------------------------------------------------------------- stages
-TRAIN_ARGS = {
-    "model_name": str, "layers": str, "width_mult": finite, "feat_dim": whole, "block": str, "attention": str,
-    "dropout": finite, "epochs": whole, "batch_size": whole, "lr": finite, "weight_decay": finite, "scheduler": str,
-    "grad_clip": finite, "patience": whole, "loss": str, "focal_alpha": finite, "focal_gamma": finite,
-    "label_smoothing": finite, "amp": str, "seed": whole, "max_steps_per_epoch": whole, "eval_batch_size": whole,
-    "aux_digit_weight": finite, "init_from": str, "freeze_epochs": whole, "tower_lr_mult": finite,
-}
-TRAIN_HELP = {
-    "aux_digit_weight": "weight of the digit loss on both halves (needs digit_a/digit_b in train.npz; 0 = off)",
-    "init_from": "start from a registered model, e.g. models:/pairnet-pretrain-resnet_optimized@champion "
-                 "(empty: from scratch)",
-    "freeze_epochs": "first epochs train the heads only, tower frozen (with init_from)",
-    "tower_lr_mult": "tower learning rate = lr x this (with init_from the preset uses 0.05)",
-}
-
-
 def _bool(text: str) -> bool:
     t = str(text).strip().lower()
     if t in ("1", "true", "yes", "on"):
@@ -197,20 +184,49 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not true/false")
 
 
-def _add_train_args(p, *, stage3: bool = False) -> None:
-    p.add_argument("--preset", default="full", help="tiny (tests), quick (CPU demo) or full (the recipe)")
+PARSE = {int: whole, float: finite, bool: _bool, str: str}  # config field type -> its flag's parser
+
+
+def config_help(name: str, config_cls: type[TrainConfig] = TrainConfig) -> str:
+    return next(f.metadata["help"] for f in fields(config_cls) if f.name == name)
+
+
+def add_config_args(p, config_cls: type[TrainConfig] = TrainConfig, *, defaults: dict | None = None,
+                    skip: tuple = ()) -> None:
+    """One flag per config field: ``--kebab-name``, parsed by the field's type, help from its metadata.
+
+    A flag not given is None and so is an empty value (an MLproject parameter left at its
+    default ""): the value then comes from the recipe and the preset. ``defaults`` (the
+    stage's recipe) are shown in the help.
+    """
+    defaults = defaults or {}
+    for f in fields(config_cls):
+        if f.name in skip:
+            continue
+        typ, meta = field_type(config_cls, f), f.metadata
+        default = defaults.get(f.name, f.default)
+        text = meta.get("help", "")
+        if default not in (None, ""):
+            text += f"; recipe default {str(default).lower() if typ is bool else default}"
+        metavar = ("{" + ",".join(meta["choices"]) + "}" if "choices" in meta
+                   else "{true,false}" if typ is bool else f.name.upper())
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=optional(PARSE[typ]), default=None,
+                       metavar=metavar, help=text.replace("%", "%%"))
+
+
+def config_values(args, config_cls: type[TrainConfig] = TrainConfig) -> dict:
+    """The config values given on the command line (flags left out or empty are not given)."""
+    return {f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name, None) is not None}
+
+
+def _add_train_args(p, stage: str) -> None:
+    p.add_argument("--preset", default="full", help="tiny (tests), quick (CPU demo) or full (the recipe); "
+                                                     "sets the values not given here")
     p.add_argument("--data-dir", help="folder with pair files (default: <project>/data; made if empty)")
     p.add_argument("--device", default="auto")
-    for name, typ in TRAIN_ARGS.items():
-        if stage3 and name in ("model_name", "seed"):
-            continue
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=TRAIN_HELP.get(name))
-    p.add_argument("--fusion", type=_bool, default=None)
-    p.add_argument("--augment", type=_bool, default=None)
-    p.add_argument("--channels-last", dest="channels_last", type=_bool, default=None)
-    p.add_argument("--mlproject", action="store_true",
-                   help="called from MLproject: values equal to the recipe's count as not given")
-    if stage3:
+    add_config_args(p, defaults=recipe_config(stage).to_dict(),
+                    skip=("model_name", "seed") if stage == "stage3" else ())
+    if stage == "stage3":
         p.add_argument("--members", default="", help="variant:seed,... (default: all eight members)")
     else:
         p.add_argument("--resume", default="", help="true (newest killed run of this model) or a run id")
@@ -219,11 +235,8 @@ def _add_train_args(p, *, stage3: bool = False) -> None:
 def _request(args):
     from pairnet.stages import StageRequest
 
-    keys = list(TRAIN_ARGS) + ["fusion", "augment", "channels_last"]
-    explicit = {k: getattr(args, k) for k in keys if getattr(args, k, None) not in (None, "")}
-    return StageRequest(preset=args.preset, data_dir=args.data_dir, explicit=explicit, device=args.device,
-                        resume=getattr(args, "resume", ""), recipe_means_unset=args.mlproject,
-                        members=getattr(args, "members", ""))
+    return StageRequest(preset=args.preset, data_dir=args.data_dir, explicit=config_values(args), device=args.device,
+                        resume=getattr(args, "resume", ""), members=getattr(args, "members", ""))
 
 
 def _print_summary(rows: list[dict]) -> None:
@@ -250,7 +263,7 @@ def _add_stages(sub) -> None:
                        ("stage1", "fusion model (improved_v2)"), ("stage2", "deep ResNet compare net"),
                        ("stage3", "diversity: seeds, FPN and fusion members as nested runs")):
         p = sub.add_parser(name, help=f"train {text} as a tracked MLflow run")
-        _add_train_args(p, stage3=(name == "stage3"))
+        _add_train_args(p, name)
         p.set_defaults(func=_cmd_stage)
 
 
@@ -338,9 +351,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=whole, default=42)
-    p.add_argument("--init-from", default="", help=TRAIN_HELP["init_from"])
-    p.add_argument("--freeze-epochs", type=optional(whole), default=None, help=TRAIN_HELP["freeze_epochs"])
-    p.add_argument("--tower-lr-mult", type=optional(finite), default=None, help=TRAIN_HELP["tower_lr_mult"])
+    p.add_argument("--init-from", default="", help=config_help("init_from"))
+    p.add_argument("--freeze-epochs", type=optional(whole), default=None, help=config_help("freeze_epochs"))
+    p.add_argument("--tower-lr-mult", type=optional(finite), default=None, help=config_help("tower_lr_mult"))
     p.add_argument("--heartbeat-interval", type=whole, default=10, help="seconds between a trial's heartbeats")
     p.add_argument("--grace-period", type=whole, default=30,
                    help="seconds without a heartbeat before a trial counts as dead (failed, re-queued at most twice)")

@@ -58,43 +58,30 @@ def check_preset(preset: str) -> dict:
     return PRESETS[preset]
 
 
-def recipe_config(stage: str) -> TrainConfig:
-    return TrainConfig(**STAGE_RECIPE.get(stage, {}))
+def recipe_config(stage: str, config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    return config_cls(**STAGE_RECIPE.get(stage, {}))
 
 
-def build_config(stage: str, preset: str, explicit: dict, *, recipe_means_unset: bool = False) -> TrainConfig:
-    """The stage's config: recipe defaults, then the preset, then explicit values.
+def build_config(stage: str, preset: str, explicit: dict, *,
+                 config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """The stage's config: recipe defaults, then the preset, then the values the user gave.
 
-    ``recipe_means_unset``: for ``mlflow run``, whose MLproject always passes every
-    parameter (with the recipe's value as default), a value equal to the recipe's
-    counts as not given, so ``-P preset=tiny`` alone still shrinks the run.
+    ``explicit`` holds only what the user gave (``None`` = not given), so a given value
+    always wins, even one equal to the recipe's.
     """
-    base = recipe_config(stage)
-    values = base.to_dict()
+    values = recipe_config(stage, config_cls).to_dict()
     chosen = check_preset(preset)
     values.update(chosen["train"])
     if stage == "pretrain":
         values.update(chosen["pretrain"])
     if explicit.get("init_from"):
         values.update(chosen["finetune"])
-    recipe = base.to_dict()
     for key, value in explicit.items():
         if value is None:
             continue
         if key not in values:
             raise PairnetError(f"unknown training parameter '{key}'")
-        if recipe_means_unset and key in recipe and _same(value, recipe[key]):
-            continue
         values[key] = value
     if "layers" in values and isinstance(values["layers"], (list, tuple)):
         values["layers"] = ",".join(str(v) for v in values["layers"])
-    return TrainConfig(**values).validate()
-
-
-def _same(a, b) -> bool:
-    if isinstance(b, float) or isinstance(a, float):
-        try:
-            return float(a) == float(b)
-        except (TypeError, ValueError):
-            return False
-    return str(a).replace(" ", "") == str(b).replace(" ", "")
+    return config_cls(**values).validate()

@@ -53,7 +53,6 @@ class StageRequest:
     explicit: dict = field(default_factory=dict)  # training values the user gave
     device: str = "auto"
     resume: str = ""  # "", "true" (latest killed run of this model) or a run id
-    recipe_means_unset: bool = False  # True under `mlflow run` (see presets.build_config)
     members: str = ""  # stage 3 only: "variant:seed,..." subset of STAGE3_MEMBERS
 
 
@@ -162,7 +161,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
     with managed_run(run_id, on_interrupt=on_interrupt):
         # Effective values under prefixes: `mlflow run` already logs the raw entry-point
         # parameters under their plain names, and MLflow refuses to change a logged param.
-        params = {f"cfg.{k}": v for k, v in cfg.to_dict().items()}
+        params = cfg.as_params()
         params.update({f"model.{k}": v for k, v in model.spec.items()})
         params.update({"run.stage": stage, "run.preset": preset, "run.device": str(dev),
                        "run.amp_dtype": str(amp_dtype(cfg.amp, dev)), "run.registered_name": registered,
@@ -318,7 +317,7 @@ def registered_for(stage: str, variant: str, seed: int | None = None) -> str:
 def run_single(stage: str, req: StageRequest) -> dict:
     """Pretrain and stages 1–2: one model, one run, registered as ``pairnet-[pretrain-]<variant>``."""
     # Bad values, model names and data folders fail before the server, the data or a run.
-    cfg = build_config(stage, req.preset, req.explicit, recipe_means_unset=req.recipe_means_unset)
+    cfg = build_config(stage, req.preset, req.explicit)
     check_data_dir(req.data_dir)
     setup_tracking()
     splits = load_splits(req.data_dir, req.preset)
@@ -347,7 +346,7 @@ def run_stage3(req: StageRequest) -> list[dict]:
     configs = []
     for variant, seed in members:
         explicit = {**req.explicit, "model_name": variant, "seed": seed}
-        configs.append(build_config("stage3", req.preset, explicit, recipe_means_unset=req.recipe_means_unset))
+        configs.append(build_config("stage3", req.preset, explicit))
     check_data_dir(req.data_dir)
     setup_tracking()
     splits = load_splits(req.data_dir, req.preset)

@@ -42,7 +42,9 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     assert p["cfg.model_name"] == "resnet_optimized_1.12" and p["cfg.epochs"] == "2" and p["cfg.lr"] == "0.001"
     assert p["cfg.weight_decay"] == "0.0005" and p["run.preset"] == "tiny" and p["model.layers"] == "[3, 3, 3]"
     assert {f"cfg.{k}" for k in TrainConfig().to_dict()} <= set(p)
-    assert p["epochs"] == "100"  # the raw entry-point parameter that mlflow run logs itself
+    # The raw entry-point parameter that mlflow run logs itself, left at "" = not given
+    # (MLflow logs it shell-quoted).
+    assert p["epochs"] in ("", "''")
     tags = run.data.tags
     assert tags["pairnet.stage"] == "stage2" and tags["pairnet.seed"] == "42" and tags["pairnet.data_digest"]
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
@@ -58,6 +60,19 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     model = mlflow.pyfunc.load_model("models:/pairnet-resnet_optimized_1.12@champion")
     prob = np.asarray(model.predict(private.x))
     assert prob.shape == (len(private),) and np.all((prob >= 0) & (prob <= 1))
+
+
+def test_mlflow_run_explicit_value_wins_over_the_preset(mlflow_server, tiny_data):
+    # tiny's epochs is 2: -P epochs=3 trains 3, and the run shows one value for it.
+    env = user_env(mlflow_server, "it-explicit")
+    proc = mlflow_run("stage1", {"preset": "tiny", "data_dir": tiny_data, "model_name": "compare_cnn",
+                                 "epochs": 3}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _runs(MlflowClient(), "it-explicit")
+    p = run.data.params
+    assert p["epochs"] == "3" and p["cfg.epochs"] == "3"
+    assert p["cfg.width_mult"] == "0.25" and p["cfg.patience"] == "0"  # the rest from the preset
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
 
 
 def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):

@@ -1,0 +1,125 @@
+"""TrainConfig is the single source: flags, checks, logged params and checkpoints come from its fields."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from pairnet.cli import OneLineParser, add_config_args, build_parser, config_values
+from pairnet.errors import PairnetError
+from pairnet.presets import PRESETS, STAGE_RECIPE, build_config
+from pairnet.train import TrainConfig
+from pairnet.train.config import param
+
+# The flags users' scripts rely on: generated now, so every one must still be there.
+LEGACY_FLAGS = ["--model-name", "--layers", "--width-mult", "--feat-dim", "--block", "--attention", "--dropout",
+                "--epochs", "--batch-size", "--lr", "--weight-decay", "--scheduler", "--grad-clip", "--patience",
+                "--loss", "--focal-alpha", "--focal-gamma", "--label-smoothing", "--amp", "--seed",
+                "--max-steps-per-epoch", "--eval-batch-size", "--aux-digit-weight", "--init-from",
+                "--freeze-epochs", "--tower-lr-mult", "--fusion", "--augment", "--channels-last"]
+
+
+@dataclass
+class WithWarmup(TrainConfig):
+    """What a contributor writes to add a hyper-parameter: one field with its metadata."""
+
+    warmup_steps: int = param(0, "linear learning-rate warm-up steps", min=0)
+
+
+def _stage_parser(stage: str) -> argparse.ArgumentParser:
+    sub = build_parser()._subparsers._group_actions[0]
+    return sub.choices[stage]
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "stage1", "stage2", "stage3"])
+def test_every_training_flag_is_still_there(stage):
+    flags = _flags(_stage_parser(stage))
+    expected = set(LEGACY_FLAGS) - ({"--model-name", "--seed"} if stage == "stage3" else set())
+    assert expected <= flags
+    assert "--mlproject" not in flags
+    assert ("--model-name" in flags) == (stage != "stage3")
+
+
+def test_flags_parse_by_field_type_and_empty_means_not_given():
+    p = _stage_parser("stage1")
+    args = p.parse_args(["--epochs", "6.0", "--lr", "2e-3", "--augment", "false", "--layers", "2,2",
+                         "--amp", "", "--feat-dim", "", "--dropout", "0.2"])
+    assert config_values(args) == {"epochs": 6, "lr": 2e-3, "augment": False, "layers": "2,2", "dropout": 0.2}
+    assert isinstance(config_values(args)["epochs"], int)
+    parser = OneLineParser(prog="t")
+    add_config_args(parser)
+    for bad in (["--epochs", "2.5"], ["--lr", "nan"], ["--augment", "maybe"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_help_shows_metadata_choices_and_the_stage_recipe_default():
+    text = _stage_parser("stage1").format_help()
+    assert "{cosine,plateau,onecycle,none}" in text and "AdamW learning rate" in text
+    assert "recipe default 50" in text  # stage 1's recipe, not TrainConfig's 100
+
+
+def test_a_new_field_reaches_cli_params_and_checkpoint(splits, tmp_path):
+    from pairnet.models import create_model
+    from pairnet.train import fit, load_checkpoint, pick_device
+
+    parser = OneLineParser(prog="t")
+    add_config_args(parser, WithWarmup)
+    assert "--warmup-steps" in parser.format_help() and "linear learning-rate warm-up steps" in parser.format_help()
+    args = parser.parse_args(["--warmup-steps", "7", "--model-name", "compare_cnn", "--epochs", "1", "--amp", "off"])
+    cfg = build_config("stage2", "tiny", config_values(args, WithWarmup), config_cls=WithWarmup)
+    assert cfg.warmup_steps == 7
+    assert cfg.as_params()["cfg.warmup_steps"] == 7  # what train_tracked logs
+    model = create_model(cfg.model_name, **cfg.model_overrides())
+    fit(model, *splits, cfg, device=pick_device("cpu"), checkpoint_path=tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["warmup_steps"] == 7
+    # Its bounds are checked like every other field's.
+    with pytest.raises(PairnetError, match=r"warmup_steps must be >= 0 \(got -1\)"):
+        build_config("stage2", "tiny", {"warmup_steps": -1}, config_cls=WithWarmup)
+
+
+# ---------------------------------------------------------------- resolution: recipe → preset → explicit
+def test_explicit_value_wins_even_when_it_equals_the_recipe():
+    assert STAGE_RECIPE["stage1"]["epochs"] == 50 and PRESETS["quick"]["train"]["epochs"] == 6
+    assert build_config("stage1", "quick", {"epochs": 50}).epochs == 50
+    assert build_config("stage1", "quick", {"lr": 0.001}).lr == 0.001
+    assert build_config("stage2", "quick", {"batch_size": 64}).batch_size == 64
+
+
+def test_unset_values_keep_the_preset_and_the_recipe():
+    cfg = build_config("stage1", "quick", {"epochs": None, "lr": None})
+    assert cfg.epochs == 6 and cfg.lr == 2e-3  # the preset's
+    assert cfg.model_name == "improved_v2" and cfg.patience == 3 and cfg.weight_decay == 5e-4
+    assert build_config("stage1", "full", {}).epochs == 50  # the recipe's
+
+
+def test_cli_path_explicit_beats_preset():
+    args = _stage_parser("stage1").parse_args(["--preset", "quick", "--epochs", "50", "--lr", "", "--seed", ""])
+    cfg = build_config("stage1", args.preset, config_values(args))
+    assert cfg.epochs == 50 and cfg.lr == 2e-3 and cfg.seed == 42
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(PairnetError, match="unknown training parameter 'epoch'"):
+        build_config("stage1", "tiny", {"epoch": 3})
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"epochs": 0}, r"epochs must be > 0 \(got 0\)"),
+    ({"weight_decay": -1.0}, r"weight_decay must be >= 0"),
+    ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+    ({"loss": "hinge"}, "loss 'hinge' is not one of focal, bce"),
+    ({"freeze_epochs": 1.5}, "freeze_epochs must be a whole number"),
+    ({"batch_size": "64"}, "batch_size must be a number"),
+])
+def test_validate_uses_field_metadata(over, message):
+    with pytest.raises(PairnetError, match=message):
+        TrainConfig(**over).validate()
