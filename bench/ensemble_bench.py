@@ -53,7 +53,8 @@ def main() -> None:
     print(f"device {dev}, amp {dtype}: {args.pairs} pairs x {len(models)} models in {best:.3f} s "
           f"({args.pairs / best:.0f} ensemble pairs/s, {rate:.0f} model-pairs/s); shape {np.stack(probs).shape}")
     print(json.dumps({"bench": "ensemble", "device": str(dev), "amp": str(dtype), "pairs": args.pairs,
-                      "models": len(models), "seconds": round(best, 4), "ensemble_pairs_per_s": round(args.pairs / best),
+                      "models": len(models), "seconds": round(best, 4),
+                      "ensemble_pairs_per_s": round(args.pairs / best),
                       "model_pairs_per_s": round(rate)}))
 
 

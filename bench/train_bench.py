@@ -47,7 +47,8 @@ class PerSampleDataset(Dataset):
         rot = math.radians(self.rng.uniform(-10, 10))
         s = self.rng.uniform(0.9, 1.1)
         tx, ty = self.rng.uniform(-2, 2, 2) * 2 / 28
-        theta = torch.tensor([[[math.cos(rot) / s, -math.sin(rot) / s, tx], [math.sin(rot) / s, math.cos(rot) / s, ty]]],
+        theta = torch.tensor([[[math.cos(rot) / s, -math.sin(rot) / s, tx],
+                               [math.sin(rot) / s, math.cos(rot) / s, ty]]],
                              dtype=torch.float32)
         grid = F.affine_grid(theta, [1, 1, 28, 28], align_corners=False)
         out = F.grid_sample(img[None, None], grid, align_corners=False)[0]

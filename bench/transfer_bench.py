@@ -89,7 +89,8 @@ def main() -> None:
         "user_seed": args.user_seed, "user_severity": args.user_severity, "epochs": args.epochs,
         "pretrain_val_acc": round(pre.best_val_acc, 4), "pretrain_seconds": round(pretrain_s, 1),
         "finetune": {k: getattr(configs["init_from"], k) for k in FINETUNE},
-        "scratch_val_acc": results["scratch"]["best_val_acc"], "init_from_val_acc": results["init_from"]["best_val_acc"],
+        "scratch_val_acc": results["scratch"]["best_val_acc"],
+        "init_from_val_acc": results["init_from"]["best_val_acc"],
         "gain_points": round(100 * gain, 1), "runs": results,
     }))
 

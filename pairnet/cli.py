@@ -69,7 +69,8 @@ def _cmd_data_make(args) -> int:
                     bases=args.bases)
     meta = make_dataset(args.out, cfg, force=args.force)
     for split, stats in meta["stats"].items():
-        print(f"{split:8s} {meta['counts'][split]:6d} pairs  mean {stats['mean_pixel']:5.1f}  zeros {stats['zero_share']:.1%}")
+        print(f"{split:8s} {meta['counts'][split]:6d} pairs  mean {stats['mean_pixel']:5.1f}  "
+              f"zeros {stats['zero_share']:.1%}")
     print(f"wrote {args.out}")
     return 0
 
@@ -99,7 +100,8 @@ def _cmd_data_profile(args) -> int:
 
 
 def _add_data(sub) -> None:
-    data = sub.add_parser("data", help="check, make and preview pair files").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="check, make and preview pair files")
+    data = data.add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("check", help="validate a pair file and print a summary")
     p.add_argument("file")
     p.add_argument("--labels", help="labels CSV (id,label) to join by id")
@@ -107,7 +109,9 @@ def _add_data(sub) -> None:
 
     p = data.add_parser("make", help="write the embedded default dataset")
     p.add_argument("--out", required=True)
-    p.add_argument("--size", choices=["tiny", "quick", "full"], default="full")
+    p.add_argument("--size", choices=["tiny", "quick", "full"], default="quick",
+                   help="tiny (tests), quick (the CPU demo's 6,000 training pairs) or full (50,000); default quick, "
+                        "as in MLproject")
     p.add_argument("--severity", type=whole, default=6)
     p.add_argument("--seed", type=whole, default=42)
     p.add_argument("--neighbour-share", type=finite, default=0.8)
@@ -477,7 +481,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="pairnet", description=__doc__.splitlines()[0])
+    from pairnet import __version__
+
+    parser = OneLineParser(
+        prog="pairnet",
+        description="Train, tune and stack siamese CNNs on pairs of corrupted handwritten digits, every run tracked "
+                    "in MLflow. Start with `pairnet pipeline --preset quick` (about 10 minutes on a CPU).",
+        epilog="Each command has its own --help. Also runnable as `python -m pairnet`.")
+    parser.add_argument("--version", action="version", version=f"pairnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)

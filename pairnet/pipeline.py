@@ -128,7 +128,8 @@ def step_key(step: str, params: dict, code: str, reads: dict, env: dict) -> str:
 
 def find_finished(key: str, client: MlflowClient) -> mlflow.entities.Run | None:
     exp_ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exp_ids, filter_string=f"tags.`pairnet.step_key` = '{key}' and attributes.status = 'FINISHED'",
+    runs = client.search_runs(exp_ids,
+                              filter_string=f"tags.`pairnet.step_key` = '{key}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -275,14 +276,16 @@ def _meta_matches(d: Path, gen: GenConfig) -> bool:
     except (OSError, ValueError):
         return False
     return (meta.get("size") == gen.size and meta.get("seed") == gen.seed
-            and meta.get("generator_version") == GENERATOR_VERSION and meta.get("severity", {}).get("train") == gen.severity)
+            and meta.get("generator_version") == GENERATOR_VERSION
+            and meta.get("severity", {}).get("train") == gen.severity)
 
 
 def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:
     from tqdm.auto import tqdm
 
     if has_pair_files(d):
-        log.warning("step data: %s holds pair files that are not the %s default set; they are kept and used", d, gen.size)
+        log.warning("step data: %s holds pair files that are not the %s default set; they are kept and used",
+                    d, gen.size)
         return
     run_id = start_or_attach("pipeline/data", {"pairnet.stage": "data"}, parent_run_id=parent)
     with managed_run(run_id):

@@ -3,6 +3,7 @@ tracking and the registry meet. Entry points and the CLI call these functions.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -106,7 +107,8 @@ def _git_commit() -> str:
     from pairnet.paths import project_root
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True,
+                             timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -158,7 +160,8 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         log.warning("interrupted: run %s keeps its last checkpoint; continue it with resume=true or resume=%s",
                     run_id, run_id)
 
-    with managed_run(run_id, on_interrupt=on_interrupt):
+    with contextlib.ExitStack() as cleanup, managed_run(run_id, on_interrupt=on_interrupt):
+        cleanup.callback(shutil.rmtree, ckpt_dir, True)  # uploaded every epoch; the local copy goes
         # Effective values under prefixes: `mlflow run` already logs the raw entry-point
         # parameters under their plain names, and MLflow refuses to change a logged param.
         params = cfg.as_params()
@@ -189,7 +192,6 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
             raise
         summary = _log_outcome(model, result, cfg, splits, dev, stage, registered, run_id,
                                init_uri=tags.get("pairnet.init_from"))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
 
 

@@ -467,7 +467,7 @@ def run_tune(req: TuneRequest) -> dict:
     before = len(study.trials)
     parent = start_or_attach(f"tune/{req.study_name}", {"pairnet.stage": "tune", "pairnet.model": req.model_name,
                                                         "optuna.study": req.study_name,
-                                                        "optuna.storage": mask_url(url), **ProcessId.current().as_tags()})
+                                                        "optuna.storage": mask_url(url)})
     experiment_id = MlflowClient().get_run(parent).info.experiment_id
     with managed_run(parent):
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items() if k != "storage"})

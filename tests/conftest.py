@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 # No path in pairnet may unpickle a model: MLflow refuses pickled pyfuncs with this set,
 # and every subprocess the tests start (mlflow run, pairnet ...) inherits it.
@@ -36,12 +40,6 @@ def small_config(**over) -> TrainConfig:
     base.update(over)
     return TrainConfig(**base)
 
-
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 

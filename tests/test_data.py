@@ -166,7 +166,8 @@ def test_labels_csv_joined_by_id(tmp_path):
 
 def test_cli_subprocess_prints_one_line_no_traceback(tmp_path):
     path = _write(tmp_path, x=np.zeros((4, 28, 28), np.uint8), y=None, id=None)
-    proc = subprocess.run([sys.executable, "-m", "pairnet.cli", "data", "check", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pairnet.cli", "data", "check", str(path)], capture_output=True,
+                          text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr and str(path) in proc.stderr
 

@@ -105,7 +105,8 @@ def test_predict_refuses_to_write_over_its_input(tiny_data, tmp_path, capsys):
     data.write_bytes((tiny_data / "test_private.npz").read_bytes())
     before = digests(tmp_path)
     for out in (data, tmp_path / "other.npz"):
-        assert main(["predict", "--model", "models:/pairnet-stack@champion", "--data", str(data), "--out", str(out)]) == 2
+        args = ["predict", "--model", "models:/pairnet-stack@champion", "--data", str(data), "--out", str(out)]
+        assert main(args) == 2
         assert "refusing" in capsys.readouterr().err
     assert digests(tmp_path) == before
     assert main(["data", "check", str(data)]) == 0
@@ -305,7 +306,8 @@ def test_worker_killed_mid_trial_is_replaced(mlflow_server, tiny_data, tmp_path)
 
     study = optuna.load_study(study_name="k", storage=storage)
     assert len([t for t in study.trials if t.state in FINISHED]) == 3
-    assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+    waiting = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    assert not [t for t in study.trials if t.state in waiting]
     killed = int(victim_run.data.tags["optuna.trial_number"])
     assert study.trials[killed].state == optuna.trial.TrialState.FAIL
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
@@ -354,7 +356,8 @@ def test_changed_test_file_and_deleted_version_rerun_their_steps(pipeline_runs, 
     exp = client.get_experiment_by_name(JOURNEY_EXPERIMENT)
     (scratch,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE '%/scratch'",
                                     max_results=1)
-    client.delete_model_version(scratch.data.tags["pairnet.registered_name"], scratch.data.tags["pairnet.model_version"])
+    tags = scratch.data.tags
+    client.delete_model_version(tags["pairnet.registered_name"], tags["pairnet.model_version"])
 
     res = pairnet(user_env(mlflow_server, JOURNEY_EXPERIMENT), "pipeline", "--preset", "tiny", "--data-dir", data,
                   timeout=900)

@@ -53,7 +53,8 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train", "val"]
     # The registry: a version with val metrics as tags and the champion alias.
     mv = client.get_model_version_by_alias("pairnet-resnet_optimized_1.12", "champion")
-    assert mv.run_id == run.info.run_id and float(mv.tags["val_acc"]) == pytest.approx(run.data.metrics["final_val_acc"])
+    assert mv.run_id == run.info.run_id
+    assert float(mv.tags["val_acc"]) == pytest.approx(run.data.metrics["final_val_acc"])
     # pyfunc: uint8 (N, 28, 56) without labels → probabilities.
     private = load_pairs(tiny_data / "test_private.npz")
     assert private.y is None
@@ -130,7 +131,8 @@ def test_stage3_parent_with_registered_children(mlflow_server, tiny_data):
         assert name == f"pairnet-{r.data.tags['pairnet.model']}-seed{r.data.tags['pairnet.seed']}"
         assert client.get_model_version(name, r.data.tags["pairnet.model_version"]).run_id == r.info.run_id
     fusion = next(r for r in children if r.data.tags["pairnet.model"] == "improved_v2")
-    assert {f"head_weight_{n}" for n in ("abs_diff", "concat", "product", "cosine", "l2", "diff")} <= set(fusion.data.metrics)
+    heads = ("abs_diff", "concat", "product", "cosine", "l2", "diff")
+    assert {f"head_weight_{n}" for n in heads} <= set(fusion.data.metrics)
 
 
 def test_sigterm_kills_run_and_resume_finishes(mlflow_server, tiny_data):

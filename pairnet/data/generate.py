@@ -285,7 +285,8 @@ def make_split(split: str, n: int, scans: np.ndarray, pools: dict[int, np.ndarra
         torch.set_num_threads(threads)
     x = np.concatenate([halves[:n], halves[n:]], axis=2)
     ids = np.array([f"{ID_PREFIX[split]}_{i:07d}" for i in range(n)])
-    extras = {"digit_a": left.astype(np.int8), "digit_b": right.astype(np.int8), "scan_a": scan_idx[:n], "scan_b": scan_idx[n:]}
+    extras = {"digit_a": left.astype(np.int8), "digit_b": right.astype(np.int8),
+              "scan_a": scan_idx[:n], "scan_b": scan_idx[n:]}
     return PairSet(x=x, y=labels, ids=ids, extras=extras, source=FILES[split])
 
 

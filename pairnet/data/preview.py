@@ -20,7 +20,7 @@ def preview_grid(pairs: PairSet, out: str | Path, n: int = 24, cols: int = 4, se
     for ax in axes.ravel():
         ax.axis("off")
     digits = (pairs.extras.get("digit_a"), pairs.extras.get("digit_b"))
-    for ax, i in zip(axes.ravel(), pick):
+    for ax, i in zip(axes.ravel(), pick, strict=False):  # the grid may have spare cells
         ax.imshow(pairs.x[i], cmap="gray", vmin=0, vmax=255)
         title = pairs.ids[i] if pairs.ids is not None else f"#{i}"
         if pairs.y is not None:

@@ -55,7 +55,8 @@ def profile(x: np.ndarray) -> dict:
     image_sum = np.zeros((28, 28), dtype=np.int64)
     sharp = speckle = 0
     lag_sums = {lag: [0, 0, 0, 0, 0] for lag in LAGS}  # Σa, Σb, Σa², Σb², Σab (exact integers)
-    per_half: dict[str, list[np.ndarray]] = {k: [] for k in ("mean", "max", "zero", "ink", "grad", "row", "col", "radius")}
+    keys = ("mean", "max", "zero", "ink", "grad", "row", "col", "radius")
+    per_half: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for start in range(0, x.shape[0], CHUNK):
         h8 = _halves(x[start:start + CHUNK])
         h = h8.astype(np.int64)
@@ -69,7 +70,8 @@ def profile(x: np.ndarray) -> dict:
         per_half["grad"].append(g.mean(axis=(1, 2)))
         sharp += int((g > SHARP).sum())
         centre = h[:, 1:-1, 1:-1]
-        alone = (centre > 0) & (h[:, :-2, 1:-1] == 0) & (h[:, 2:, 1:-1] == 0) & (h[:, 1:-1, :-2] == 0) & (h[:, 1:-1, 2:] == 0)
+        alone = ((centre > 0) & (h[:, :-2, 1:-1] == 0) & (h[:, 2:, 1:-1] == 0)
+                 & (h[:, 1:-1, :-2] == 0) & (h[:, 1:-1, 2:] == 0))
         speckle += int(alone.sum())
         for lag in LAGS:
             a, b = h[:, :, :-lag], h[:, :, lag:]
@@ -144,7 +146,8 @@ def load_profile_json(path: str | Path) -> dict:
         raise PairnetError(f"{path}: expected a JSON object of statistic name to number (a profile)")
     bad = [k for k, val in data.items() if isinstance(val, bool) or not isinstance(val, (int, float))]
     if bad:
-        raise PairnetError(f"{path}: statistic '{bad[0]}' is not a number; expected a profile as written by 'pairnet data profile'")
+        raise PairnetError(f"{path}: statistic '{bad[0]}' is not a number; "
+                           "expected a profile as written by 'pairnet data profile'")
     return {k: float(val) for k, val in data.items()}
 
 
@@ -187,7 +190,8 @@ def profile_report(file: str | Path, against: str | Path | None = None, top: int
         return "\n".join([f"{file}: {prof['halves']} half-images", *lines]), result
     gap, rows = compare(prof, load_reference(against))
     result.update(against=str(against), realism_gap=round(gap, 4), statistics=len(rows),
-                  largest_gaps=[{"statistic": k, "value": v, "reference": r, "gap": round(g, 4)} for g, k, v, r in rows[:top]])
+                  largest_gaps=[{"statistic": k, "value": v, "reference": r, "gap": round(g, 4)}
+                                for g, k, v, r in rows[:top]])
     lines = [f"{'statistic':32s} {'this':>10s} {'reference':>10s} {'rel. gap':>9s}"]
     lines += [f"{k:32s} {v:10.4f} {r:10.4f} {g:9.3f}" for g, k, v, r in rows[:top]]
     lines.append(f"realism_gap {gap:.4f} over {len(rows)} statistics ({file} against {against}; 0 = same statistics)")

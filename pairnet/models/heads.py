@@ -41,7 +41,8 @@ class FusionHeads(nn.Module):
 
     def __init__(self, feat_dim: int, *, hidden: int = 128, dropout: float = 0.1):
         super().__init__()
-        width = {"abs_diff": feat_dim, "concat": 2 * feat_dim, "product": feat_dim, "cosine": 1, "l2": 1, "diff": feat_dim}
+        width = {"abs_diff": feat_dim, "concat": 2 * feat_dim, "product": feat_dim, "cosine": 1, "l2": 1,
+                 "diff": feat_dim}
         self.heads = nn.ModuleDict({n: mlp(width[n], hidden, dropout) for n in self.NAMES})
         self.mix = nn.Parameter(torch.zeros(len(self.NAMES)))
 

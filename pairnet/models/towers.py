@@ -136,7 +136,8 @@ class FPNTower(Tower):
             self.levels.append(nn.Sequential(*blocks))
             self.lateral.append(conv1x1(planes, p))
             cin = planes
-        self.smooth = nn.ModuleList(nn.Sequential(conv3x3(p, p), nn.BatchNorm2d(p), nn.ReLU(inplace=True)) for _ in layers)
+        self.smooth = nn.ModuleList(nn.Sequential(conv3x3(p, p), nn.BatchNorm2d(p), nn.ReLU(inplace=True))
+                                    for _ in layers)
         self.neck = Neck(p * len(layers), feat_dim, dropout)
         self.feat_dim = feat_dim
 

@@ -38,7 +38,8 @@ def describe(spec: dict) -> str:
     return f"{spec.get('name', '?')} ({', '.join(bits)})"
 
 
-def copy_matching(model: nn.Module, state: dict[str, torch.Tensor], *, source_spec: dict, source: str) -> TransferReport:
+def copy_matching(model: nn.Module, state: dict[str, torch.Tensor], *, source_spec: dict,
+                  source: str) -> TransferReport:
     """Load every tensor of ``state`` whose name and shape match into ``model``.
 
     Raises PairnetError, naming both architectures, when any tower tensor has no match.

@@ -129,7 +129,8 @@ def sweep_orphans(client: MlflowClient | None = None) -> list[tuple[str, str]]:
         owner = ProcessId.from_tags(run.data.tags)
         if owner is None or owner.alive():
             continue
-        reason = (f"process {owner.describe()} (started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.started))}) "
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.started))
+        reason = (f"process {owner.describe()} (started {started}) "
                   f"is gone; swept by pid {me.pid} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
         client.set_tag(run.info.run_id, SWEPT_TAG, reason)
         client.set_terminated(run.info.run_id, "FAILED")

@@ -81,7 +81,8 @@ def list_registered(prefix: str = PREFIX, client: MlflowClient | None = None) ->
             aliases.setdefault(str(ver), []).append(alias)
         for mv in client.search_model_versions(f"name='{rm.name}'", max_results=1000):
             rows.append({
-                "name": rm.name, "version": int(mv.version), "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+                "name": rm.name, "version": int(mv.version),
+                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
                 "val_acc": mv.tags.get("val_acc", ""), "run_id": mv.run_id,
             })
     return sorted(rows, key=lambda r: (r["name"], r["version"]))

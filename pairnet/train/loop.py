@@ -220,7 +220,8 @@ def fit(
     digits_train = digit_targets(cfg, train)
     aux = digits_train is not None
     if aux and getattr(model, "digit_head", None) is None:
-        raise PairnetError("aux_digit_weight > 0 needs a model built with a digit head (create_model(..., digit_head=True))")
+        raise PairnetError("aux_digit_weight > 0 needs a model built with a digit head "
+                           "(create_model(..., digit_head=True))")
     digits_val = digit_labels(val) if aux else None
 
     # Each split lives on the device as one uint8 tensor; batches are taken by index.

@@ -22,5 +22,6 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor, *, smoothing: float = 0
 
 def make_loss(cfg):
     if cfg.loss == "focal":
-        return lambda z, y: focal_loss(z, y, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, smoothing=cfg.label_smoothing)
+        return lambda z, y: focal_loss(z, y, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma,
+                                       smoothing=cfg.label_smoothing)
     return lambda z, y: bce_loss(z, y, smoothing=cfg.label_smoothing)
