@@ -321,12 +321,21 @@ def run_single(stage: str, req: StageRequest) -> dict:
     # Bad values, model names and data folders fail before the server, the data or a run.
     cfg = build_config(stage, req.preset, req.explicit)
     check_data_dir(req.data_dir)
+    warn_if_slow(req.preset, req.device, cfg.epochs)
     setup_tracking()
     splits = load_splits(req.data_dir, req.preset)
     resume = _resume_target(req, stage, cfg)
     return train_tracked(cfg, stage=stage, splits=splits, registered=registered_for(stage, cfg.model_name),
                          run_name=f"{stage}/{cfg.model_name}/seed{cfg.seed}", device=req.device,
                          preset=req.preset, resume_run_id=resume)
+
+
+def warn_if_slow(preset: str, device: str, epochs: int) -> None:
+    """The full preset is the GPU recipe: on a CPU say so before hours of training start."""
+    if preset == "full" and pick_device(device).type == "cpu":
+        log.warning("preset full is the GPU recipe: up to %d epochs on the full set, about 30 s each on a 2-core CPU "
+                    "(hours in all; every epoch's log line gives an ETA). For a quick look use -P preset=quick "
+                    "(or --preset quick).", epochs)
 
 
 def parse_members(text: str) -> list[tuple[str, int]]:
@@ -350,6 +359,7 @@ def run_stage3(req: StageRequest) -> list[dict]:
         explicit = {**req.explicit, "model_name": variant, "seed": seed}
         configs.append(build_config("stage3", req.preset, explicit))
     check_data_dir(req.data_dir)
+    warn_if_slow(req.preset, req.device, sum(c.epochs for c in configs))
     setup_tracking()
     splits = load_splits(req.data_dir, req.preset)
     source = None

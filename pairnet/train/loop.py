@@ -189,6 +189,17 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 
 # ------------------------------------------------------------------ fit
+def eta(seconds: float) -> str:
+    """``ETA 3 min`` for the epochs left (an upper bound when early stopping may end sooner)."""
+    if seconds <= 0:
+        return "done"
+    if seconds < 90:
+        return f"ETA {seconds:.0f} s"
+    if seconds < 5400:
+        return f"ETA {seconds / 60:.0f} min"
+    return f"ETA {seconds / 3600:.1f} h"
+
+
 def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "epoch"
@@ -268,6 +279,7 @@ def fit(
 
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     stopped_early = False
+    spent = 0.0  # seconds of the epochs run in this call, for the ETA
     for epoch in range(start_epoch, cfg.epochs + 1):
         if cfg.patience and bad_epochs >= cfg.patience:
             stopped_early = True
@@ -347,8 +359,11 @@ def fit(
             bad_epochs += 1
         metrics["best_val_acc"] = best_acc
         history.append({"epoch": epoch, **metrics})
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val acc %.4f  %.1fs", epoch, cfg.epochs,
-                 metrics["train_loss"], metrics["train_acc"], metrics["val_acc"], metrics["epoch_seconds"])
+        spent += metrics["epoch_seconds"]
+        ran = epoch - start_epoch + 1
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  val acc %.4f  %.1fs  %s", epoch, cfg.epochs,
+                 metrics["train_loss"], metrics["train_acc"], metrics["val_acc"], metrics["epoch_seconds"],
+                 eta(spent / ran * (cfg.epochs - epoch)))
 
         if ckpt is not None:
             save_checkpoint(ckpt, {
