@@ -259,12 +259,9 @@ def run_stack(req: StackRequest) -> dict:
                                            pip_requirements=requirements("lightgbm", "pandas"))
             mark_version(registry.STACK_NAME, info, "stack")
         version = str(info.registered_model_version)
-        registry.tag_version(registry.STACK_NAME, version, {
-            "val_acc": f"{cv_acc:.6f}", "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
-            "base_models": ",".join(b.key for b in bases)[:5000], "run_id": parent,
+        decision = registry.register_and_gate(registry.STACK_NAME, version, cv_acc, parent, {
+            "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
+            "base_models": ",".join(b.key for b in bases)[:5000],
         })
-        decision = registry.champion_gate(registry.STACK_NAME, version, cv_acc)
-        mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
-                         "pairnet.model_version": version})
     return {"run_id": parent, "version": version, "cv_oof_acc": cv_acc, "folds": folds, "table": table,
             "promoted": decision.promoted, "bases": [b.key for b in bases]}

@@ -239,18 +239,11 @@ def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: st
     info = log_pair_model(model, splits.val.x, registered_name=registered)
     version = str(info.registered_model_version)
     val_acc = float(final["val_acc"])
-    registry.tag_version(registered, version, {
-        "val_acc": f"{val_acc:.6f}", "val_auc": f"{final['val_auc']:.6f}", "stage": stage,
-        "model": cfg.model_name, "seed": cfg.seed, "run_id": run_id,
+    decision = registry.register_and_gate(registered, version, val_acc, run_id, {
+        "val_auc": f"{final['val_auc']:.6f}", "stage": stage, "model": cfg.model_name, "seed": cfg.seed,
         **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
     })
-    decision = registry.champion_gate(registered, version, val_acc)
-    mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
-                     "pairnet.model_version": version})
-    mlflow.log_metric("champion_promoted", float(decision.promoted))
-    if decision.champion_val_acc is not None:
-        mlflow.log_metric("champion_val_acc_before", decision.champion_val_acc)
     return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc,
             "test_public_acc": final.get("test_public_acc"), "promoted": decision.promoted,
             "model": cfg.model_name, "stage": stage, "seed": cfg.seed, "init_from": init_uri}

@@ -527,12 +527,10 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     info = log_pair_model(model, splits.val.x, registered_name=name)
     version = str(info.registered_model_version)
-    registry.tag_version(name, version, {"val_acc": f"{best.value:.6f}", "stage": "tune", "model": req.model_name,
-                                         "optuna_study": study.study_name, "optuna_trial": best.number,
-                                         "optuna_trial_run": trial_run})
-    decision = registry.champion_gate(name, version, best.value)
-    mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
-                     "pairnet.best_model": f"models:/{name}/{version}"})
+    decision = registry.register_and_gate(name, version, best.value, trial_run, {
+        "stage": "tune", "model": req.model_name, "optuna_study": study.study_name, "optuna_trial": best.number,
+        "optuna_trial_run": trial_run})
+    mlflow.set_tag("pairnet.best_model", f"models:/{name}/{version}")
     summary.update(registered=name, version=version, promoted=decision.promoted)
     return summary
 

@@ -132,3 +132,9 @@ def test_augment_swap_flips_labels():
 def test_bad_config_values(over, text):
     with pytest.raises(PairnetError, match=text):
         _cfg(**over).validate()
+
+
+def test_eta_reads_like_a_person_would_say_it():
+    from pairnet.train.loop import eta
+
+    assert [eta(s) for s in (0, 30, 600, 7200)] == ["done", "ETA 30 s", "ETA 10 min", "ETA 2.0 h"]

@@ -57,6 +57,24 @@ def champion_gate(name: str, version: str, val_acc: float, metric: str = "val_ac
     return decision
 
 
+def register_and_gate(name: str, version: str, val_acc: float, run_id: str, tags: dict,
+                      client: MlflowClient | None = None) -> GateDecision:
+    """The one path after a version is registered: tag it (``val_acc``, ``run_id`` — the run
+    that made the model — and ``tags``), move ``champion`` only if it wins, and record the
+    decision on the active run (tags ``pairnet.champion_decision``/``pairnet.model_version``,
+    metrics ``champion_promoted`` and ``champion_val_acc_before``)."""
+    import mlflow
+
+    tag_version(name, version, {"val_acc": f"{val_acc:.6f}", "run_id": run_id, **tags}, client)
+    decision = champion_gate(name, version, val_acc, client=client)
+    mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
+                     "pairnet.model_version": str(version)})
+    mlflow.log_metric("champion_promoted", float(decision.promoted))
+    if decision.champion_val_acc is not None:
+        mlflow.log_metric("champion_val_acc_before", decision.champion_val_acc)
+    return decision
+
+
 def champion_version(name: str, client: MlflowClient | None = None):
     client = client or MlflowClient()
     try:
