@@ -462,6 +462,10 @@ def _cmd_pipeline(args) -> int:
         print(f"reused {len(out['reused'])} finished steps: {', '.join(out['reused'])}")
     print(f"predictions: {out['predictions']}")
     print(f"MLflow UI: {mask_url(out['ui'])}  (pipeline run {out['run_id']})")
+    from pairnet.tracking import mlflow_log_file
+
+    if mlflow_log_file().exists():
+        print(f"MLflow's own messages: {mlflow_log_file()}")
     return 0
 
 

@@ -27,7 +27,7 @@ from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import CHECKPOINT_ARTIFACT, InitSource, download_checkpoint, fetch_init_source
-from pairnet.tracking import configure_http
+from pairnet.tracking import configure_http, route_mlflow_logs
 from pairnet.tracking.lifecycle import managed_run, start_or_attach, sweep_orphans
 from pairnet.tracking.model import log_pair_model
 from pairnet.tracking.server import tracking_uri
@@ -72,6 +72,7 @@ class Splits:
 def setup_tracking() -> str:
     """Resolve the tracking URI (starting the local server if needed) and the experiment."""
     configure_http()
+    route_mlflow_logs()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     sweep_orphans()  # runs left RUNNING by a killed process on this host end FAILED
@@ -206,9 +207,18 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _local_file_source(path: str):
+    """A dataset source object for a local file. Given a bare path, MLflow guesses among its
+    registered sources, finds two local ones and warns; naming the source avoids the guess."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+    return local(str(Path(path).resolve()))
+
+
 def _log_datasets(splits: Splits) -> None:
     for pairs, context in ((splits.train, "training"), (splits.val, "validation")):
-        ds = mlflow.data.from_numpy(pairs.x, targets=pairs.y, source=str(Path(pairs.source).resolve()),
+        ds = mlflow.data.from_numpy(pairs.x, targets=pairs.y, source=_local_file_source(pairs.source),
                                     name=Path(pairs.source).stem)
         mlflow.log_input(ds, context=context)
 

@@ -328,6 +328,8 @@ def make_dataset(out: str | Path, cfg: GenConfig, progress=None, *, force: bool 
             # meta.json last: a folder with a meta.json holds a whole set.
             for name in sorted(p.name for p in staging.iterdir() if p.name != "meta.json") + ["meta.json"]:
                 os.replace(staging / name, out / name)
+            log.info("wrote the %s set to %s (%s pairs)", cfg.size, out,
+                     " / ".join(f"{split} {n}" for split, n in meta["counts"].items()))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return meta
@@ -375,7 +377,7 @@ def _write_set(out: Path, cfg: GenConfig, progress) -> dict:
                 write_labels_csv(out / LABELS_CSV, pairs.ids, pairs.y)
             pairs = PairSet(x=pairs.x, ids=pairs.ids, source=pairs.source)
         save_pairs(out / FILES[split], pairs)
-        log.info("wrote %s (%d pairs)", out / FILES[split], len(pairs))
+        log.debug("wrote %s (%d pairs)", out / FILES[split], len(pairs))
         if progress is not None:
             progress(split)
     write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
