@@ -262,6 +262,9 @@ def run_stack(req: StackRequest) -> dict:
         decision = registry.register_and_gate(registry.STACK_NAME, version, cv_acc, parent, {
             "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
             "base_models": ",".join(b.key for b in bases)[:5000],
-        })
+        }, description=f"LightGBM over {', '.join(b.key for b in bases)}; data {digest}; "
+                       f"val acc = 5-fold out-of-fold accuracy on val",
+            model_description="pairnet stack: a LightGBM meta-learner over registered pairnet base models; input "
+                              "uint8 pairs (N, 28, 56), output columns label and probability.")
     return {"run_id": parent, "version": version, "cv_oof_acc": cv_acc, "folds": folds, "table": table,
             "promoted": decision.promoted, "bases": [b.key for b in bases]}

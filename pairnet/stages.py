@@ -161,6 +161,11 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         log.warning("interrupted: run %s keeps its last checkpoint; continue it with resume=true or resume=%s",
                     run_id, run_id)
 
+    # The run's description in the UI (MLflow keeps it in the tag mlflow.note.content).
+    MlflowClient().set_tag(run_id, "mlflow.note.content",
+                           f"{stage}: {cfg.model_name}, seed {cfg.seed}, preset {preset}, {cfg.epochs} epochs max, "
+                           f"data {splits.digest()}" + (f", fine-tuned from {tags['pairnet.init_from']}"
+                                                        if "pairnet.init_from" in tags else ", from scratch"))
     with contextlib.ExitStack() as cleanup, managed_run(run_id, on_interrupt=on_interrupt):
         cleanup.callback(shutil.rmtree, ckpt_dir, True)  # uploaded every epoch; the local copy goes
         # Effective values under prefixes: `mlflow run` already logs the raw entry-point
@@ -253,7 +258,10 @@ def _log_outcome(model, result, cfg: TrainConfig, splits: Splits, dev, stage: st
         "val_auc": f"{final['val_auc']:.6f}", "stage": stage, "model": cfg.model_name, "seed": cfg.seed,
         **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
-    })
+    }, description=(f"{stage} {cfg.model_name} seed {cfg.seed}, trained on data {splits.digest()}"
+                    + (f" from {init_uri}" if init_uri else "") + f" (run {run_id})"),
+        model_description=(f"pairnet {cfg.model_name}: a siamese CNN saying whether the left digit of a pair is "
+                           "greater than the right one; input uint8 pairs (N, 28, 56), output P(label 1)."))
     return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc,
             "test_public_acc": final.get("test_public_acc"), "promoted": decision.promoted,
             "model": cfg.model_name, "stage": stage, "seed": cfg.seed, "init_from": init_uri}

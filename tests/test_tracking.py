@@ -53,6 +53,10 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train", "val"]
     # The registry: a version with val metrics as tags and the champion alias.
     mv = client.get_model_version_by_alias("pairnet-resnet_optimized_1.12", "champion")
+    # Descriptions the UI shows: the run's, the version's and the registered model's.
+    assert run.data.tags["mlflow.note.content"].startswith("stage2: resnet_optimized_1.12, seed 42, preset tiny")
+    assert "val acc" in mv.description and run.info.run_id in mv.description
+    assert "siamese CNN" in client.get_registered_model("pairnet-resnet_optimized_1.12").description
     assert mv.run_id == run.info.run_id
     assert float(mv.tags["val_acc"]) == pytest.approx(run.data.metrics["final_val_acc"])
     # pyfunc: uint8 (N, 28, 56) without labels → probabilities.

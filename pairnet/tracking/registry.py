@@ -58,14 +58,22 @@ def champion_gate(name: str, version: str, val_acc: float, metric: str = "val_ac
 
 
 def register_and_gate(name: str, version: str, val_acc: float, run_id: str, tags: dict,
-                      client: MlflowClient | None = None) -> GateDecision:
+                      client: MlflowClient | None = None, *, description: str = "",
+                      model_description: str = "") -> GateDecision:
     """The one path after a version is registered: tag it (``val_acc``, ``run_id`` — the run
     that made the model — and ``tags``), move ``champion`` only if it wins, and record the
     decision on the active run (tags ``pairnet.champion_decision``/``pairnet.model_version``,
     metrics ``champion_promoted`` and ``champion_val_acc_before``)."""
     import mlflow
 
+    client = client or MlflowClient()
     tag_version(name, version, {"val_acc": f"{val_acc:.6f}", "run_id": run_id, **tags}, client)
+    # Descriptions the registry UI shows: what the model is (set once, a user's edit is kept)
+    # and what this version is.
+    if description:
+        client.update_model_version(name, str(version), description=f"{description}; val acc {val_acc:.4f}")
+    if model_description and not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=model_description)
     decision = champion_gate(name, version, val_acc, client=client)
     mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
                      "pairnet.model_version": str(version)})
