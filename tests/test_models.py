@@ -96,3 +96,32 @@ def test_fusion_mix_weights_are_a_softmax_and_used():
 def test_bottleneck_and_cbam_options():
     model = create_model("resnet", block="bottleneck", attention="cbam", layers=(1, 1), width_mult=0.25, feat_dim=8)
     assert model(torch.rand(2, 28, 56)).shape == (2,)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_one_step_fit_then_saved_model_serves_its_signature(name, splits, tmp_path):
+    """Every zoo entry trains one step with the real loop, and its pickle-free saved form
+    serves the logged signature: uint8 (N, 28, 56) in, float32 probabilities (N,) out."""
+    import numpy as np
+
+    from conftest import small_config
+    from pairnet.serving import PairPredictor, save_pair_dir
+    from pairnet.tracking.model import SIGNATURE
+    from pairnet.train import fit, pick_device
+
+    train, val = splits
+    cfg = small_config(model_name=name, epochs=1, max_steps_per_epoch=1)
+    model = create_model(name, **cfg.model_overrides())
+    result = fit(model, train, val, cfg, device=pick_device("cpu"))
+    assert [h["epoch"] for h in result.history] == [1] and np.isfinite(result.history[0]["train_loss"])
+    served = PairPredictor.load(save_pair_dir(model, tmp_path / name))
+    (spec_in,) = SIGNATURE.inputs.inputs
+    assert spec_in.type == np.dtype(np.uint8) and tuple(spec_in.shape) == (-1, 28, 56)
+    prob = served.predict(val.x[:5])
+    (spec_out,) = SIGNATURE.outputs.inputs
+    assert prob.dtype == spec_out.type and prob.shape == (5,) and np.all((prob >= 0) & (prob <= 1))
+    # The served model gives the trained model's probabilities.
+    model.eval()
+    with torch.inference_mode():
+        direct = torch.sigmoid(model(torch.from_numpy(val.x[:5]).float() / 255)).numpy()
+    assert np.allclose(prob, direct, atol=1e-5)
