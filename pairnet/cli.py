@@ -276,7 +276,7 @@ def _cmd_models(args) -> int:
     from pairnet.tracking.server import tracking_uri
 
     tracking_uri()  # fail fast, before the heavy imports, when the server is unreachable
-    from pairnet.stages import setup_tracking
+    from pairnet.tracking.session import setup_tracking
     from pairnet.tracking.registry import list_registered
 
     setup_tracking()
@@ -295,7 +295,7 @@ def _cmd_promote(args) -> int:
     from pairnet.tracking.server import tracking_uri
 
     tracking_uri()
-    from pairnet.stages import setup_tracking
+    from pairnet.tracking.session import setup_tracking
     from pairnet.tracking.registry import promote
 
     setup_tracking()

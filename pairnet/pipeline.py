@@ -29,6 +29,8 @@ from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.lifecycle import experiment_url, managed_run, start_or_attach
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
+from pairnet.data.splits import check_data_dir, load_splits
+from pairnet.tracking.session import setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +145,6 @@ def _summary_from_run(run) -> dict:
 
 
 def run_pipeline(req: PipelineRequest) -> dict:
-    from pairnet.stages import check_data_dir
-
     preset = check_preset(req.preset)
     d = check_data_dir(req.data_dir)
     pick_device(req.device)  # an unusable device fails before anything starts
@@ -154,8 +154,6 @@ def run_pipeline(req: PipelineRequest) -> dict:
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
     from pairnet.stack import StackRequest, run_stack
-    from pairnet.stages import load_splits, setup_tracking
-
     uri = setup_tracking()
     client = MlflowClient()
     code = code_version()

@@ -26,6 +26,8 @@ from pairnet.errors import PairnetError
 from pairnet.tracking import registry
 from pairnet.train.metrics import accuracy
 from pairnet.tracking.model import KIND_TAG, check_version, load_trusted
+from pairnet.data.splits import check_data_dir, load_splits
+from pairnet.tracking.session import setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,6 @@ class StackRequest:
 
 
 def load_stack_splits(data_dir: str | Path | None, preset: str) -> tuple[dict[str, PairSet], PairSet]:
-    from pairnet.stages import load_splits
-
     s = load_splits(data_dir, preset)
     if s.public is None:
         raise PairnetError(f"{s.data_dir}: stacking needs test_public.npz with test_public_labels.csv")
@@ -167,12 +167,9 @@ def run_stack(req: StackRequest) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from pairnet import plots
-    from pairnet.stages import setup_tracking
     from pairnet.tracking.lifecycle import managed_run, start_or_attach
     from pairnet.tracking.model import PYFUNC_CODE, SIGNATURE, copy_model_artifacts, mark_version, requirements
     from pairnet.tracking.server import tracking_uri
-
-    from pairnet.stages import check_data_dir
 
     if req.n_folds < 2:
         raise PairnetError(f"n_folds must be >= 2 (got {req.n_folds})")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,26 +16,23 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from pairnet.data.generate import FILES, ensure_dataset
-from pairnet.data.pairs import PairSet, load_pairs
+from pairnet.data.pairs import PairSet
+from pairnet.data.splits import Splits, check_data_dir, load_splits
 from pairnet.errors import PairnetError
 from pairnet.models import create_model, model_from_spec
 from pairnet.models.transfer import copy_matching
-from pairnet.paths import data_dir as default_data_dir
-from pairnet.presets import build_config, check_preset
+from pairnet.presets import build_config
 from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import CHECKPOINT_ARTIFACT, InitSource, download_checkpoint, fetch_init_source
-from pairnet.tracking import configure_http, route_mlflow_logs
-from pairnet.tracking.lifecycle import managed_run, start_or_attach, sweep_orphans
+from pairnet.tracking.lifecycle import managed_run, start_or_attach
+from pairnet.tracking.session import setup_tracking
 from pairnet.tracking.model import log_pair_model
-from pairnet.tracking.server import tracking_uri
 from pairnet.train.config import TrainConfig
 from pairnet.train.loop import amp_dtype, digit_targets, evaluate, fit, pick_device
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "pairnet"
 # Stage 3 members: (model variant, seed), DESIGN.md.
 STAGE3_MEMBERS = (
     [("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)]
@@ -55,51 +51,6 @@ class StageRequest:
     device: str = "auto"
     resume: str = ""  # "", "true" (latest killed run of this model) or a run id
     members: str = ""  # stage 3 only: "variant:seed,..." subset of STAGE3_MEMBERS
-
-
-@dataclass
-class Splits:
-    train: PairSet
-    val: PairSet
-    public: PairSet | None
-    data_dir: Path
-
-    def digest(self) -> str:
-        return self.train.digest()[:8] + self.val.digest()[:8]
-
-
-# ---------------------------------------------------------------- setup
-def setup_tracking() -> str:
-    """Resolve the tracking URI (starting the local server if needed) and the experiment."""
-    configure_http()
-    route_mlflow_logs()
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    sweep_orphans()  # runs left RUNNING by a killed process on this host end FAILED
-    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-    return uri
-
-
-def check_data_dir(data_dir: str | Path | None) -> Path:
-    """The data folder, refused in one line when it names a file (before any data or run)."""
-    d = Path(data_dir) if data_dir else default_data_dir()
-    if d.exists() and not d.is_dir():
-        raise PairnetError(f"--data-dir {d} is a file; give the folder that holds train.npz and val.npz")
-    return d
-
-
-def load_splits(data_dir: str | Path | None, preset: str) -> Splits:
-    """Train/val (and labelled public test, when present); make the default set if absent."""
-    d = check_data_dir(data_dir)
-    ensure_dataset(d, size=check_preset(preset)["data_size"])  # says so when it makes one
-    train, val = load_pairs(d / FILES["train"]), load_pairs(d / FILES["val"])
-    train.require_labels(), val.require_labels()
-    public = None
-    labels = d / "test_public_labels.csv"
-    if (d / FILES["public"]).exists() and labels.exists():
-        public = load_pairs(d / FILES["public"], labels=labels)
-    return Splits(train, val, public, d)
 
 
 def _git_commit() -> str:

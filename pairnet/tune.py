@@ -61,6 +61,8 @@ from pairnet.tracking.init_from import fetch_init_source
 from pairnet.tracking.lifecycle import SWEPT_TAG, Terminated, managed_run, sigterm_raises, start_or_attach
 from pairnet.tracking.model import log_pair_model
 from pairnet.train.loop import Callback, fit, pick_device
+from pairnet.data.splits import load_splits
+from pairnet.tracking.session import setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +226,6 @@ def load_trial_weights(run_id: str):
 
 
 def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=None):
-    from pairnet.stages import load_splits
-
     splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     dev = pick_device(req.device)
     client = MlflowClient()
@@ -450,8 +450,6 @@ class _Workers:
 
 
 def run_tune(req: TuneRequest) -> dict:
-    from pairnet.stages import load_splits, setup_tracking
-
     req.validate()
     url = req.storage_url()
     storage = open_storage(req)  # a bad URL fails here, before any run exists
@@ -522,8 +520,6 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     if model is None:
         mlflow.set_tag("pairnet.best_model", f"not registered: trial {best.number} logged no weights")
         return summary
-    from pairnet.stages import load_splits
-
     splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     info = log_pair_model(model, splits.val.x, registered_name=name)
     version = str(info.registered_model_version)
