@@ -38,35 +38,45 @@ class MlflowCallback(Callback):
         self.client = client or MlflowClient()
         self.checkpoint_every = checkpoint_every
         self.artifact_path = artifact_path
-        self.last_checkpoint: Path | None = None
         self._metrics: list[Metric] = []
         self._ckpt: Path | None = None  # a private snapshot waiting for upload
+        self._inflight: Path | None = None  # the snapshot being uploaded now
         self._busy = False
         self._failures = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
         self._snapshots = Path(tempfile.mkdtemp(prefix=f"pairnet-upload-{run_id[:8]}-"))
-        self._thread = threading.Thread(target=self._loop, name=f"mlflow-sender-{run_id[:8]}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._start()
+
+    def _start(self) -> None:
+        """(Re)start the sender; it ends once ``close()`` has drained the queue."""
+        with self._lock:
+            self._closing = False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"mlflow-sender-{self.run_id[:8]}",
+                                                daemon=True)
+                self._thread.start()
 
     # ------------------------------------------------------------ training thread
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
         with self._lock:
             self._metrics += [Metric(key, float(value), ts, step) for key, value in metrics.items()]
+        self._start()
         self._wake.set()
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         self.log_metrics(metrics, epoch)
 
     def on_checkpoint(self, path: Path, epoch: int) -> None:
-        self.last_checkpoint = path
         if self.checkpoint_every and epoch % self.checkpoint_every == 0:
             self.queue_checkpoint(path)
 
     def queue_checkpoint(self, path: Path) -> None:
         """Snapshot ``path`` (a hard link: the loop replaces the file, never rewrites it) for upload."""
+        self._snapshots.mkdir(parents=True, exist_ok=True)
         snap = Path(tempfile.mkdtemp(dir=self._snapshots)) / Path(path).name
         try:
             os.link(path, snap)
@@ -74,8 +84,10 @@ class MlflowCallback(Callback):
             shutil.copy2(path, snap)
         with self._lock:
             old, self._ckpt = self._ckpt, snap
-        if old is not None:
+            superseded = old is not None and old != self._inflight  # the sender removes the one it uploads
+        if superseded:
             shutil.rmtree(old.parent, ignore_errors=True)
+        self._start()
         self._wake.set()
 
     def on_fit_end(self, result: FitResult) -> None:
@@ -92,10 +104,13 @@ class MlflowCallback(Callback):
         """Wait until everything queued reached the server (True) or ``timeout`` passed (False)."""
         deadline = time.monotonic() + timeout
         self._wake.set()
-        while self.pending() and time.monotonic() < deadline and self._thread.is_alive():
+        while self.pending() and time.monotonic() < deadline and self._thread is not None:
             time.sleep(0.05)
         left = self.pending()
         if not left:
+            with self._lock:
+                self._closing = True  # the sender thread ends; logging again starts a new one
+            self._wake.set()
             shutil.rmtree(self._snapshots, ignore_errors=True)
         else:
             log.warning("run %s: %d metric/checkpoint uploads still pending after %.0f s", self.run_id, left, timeout)
@@ -106,6 +121,10 @@ class MlflowCallback(Callback):
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
+            with self._lock:
+                if self._closing and not self._metrics and self._ckpt is None:
+                    self._thread = None
+                    return
             while self.pending():
                 if self._send_once():
                     self._failures = 0
@@ -118,6 +137,7 @@ class MlflowCallback(Callback):
         with self._lock:
             batch, self._metrics = self._metrics[:MAX_BATCH], self._metrics[MAX_BATCH:]
             ckpt = None if batch else self._ckpt
+            self._inflight = ckpt
             self._busy = True
         try:
             if batch:
@@ -139,3 +159,4 @@ class MlflowCallback(Callback):
         finally:
             with self._lock:
                 self._busy = False
+                self._inflight = None
