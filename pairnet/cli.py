@@ -11,13 +11,13 @@ import logging
 import math
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
+from pairnet.config import Config, leaves
 from pairnet.errors import PairnetError
 from pairnet.presets import recipe_config
 from pairnet.redact import mask_url
-from pairnet.train.config import TrainConfig, field_type
+from pairnet.train.config import TrainConfig
 
 log = logging.getLogger("pairnet")
 
@@ -192,35 +192,44 @@ PARSE = {int: whole, float: finite, bool: _bool, str: str}  # config field type 
 
 
 def config_help(name: str, config_cls: type[TrainConfig] = TrainConfig) -> str:
-    return next(f.metadata["help"] for f in fields(config_cls) if f.name == name)
+    return next(f.metadata["help"] for n, _, f in leaves(config_cls) if n == name)
 
 
-def add_config_args(p, config_cls: type[TrainConfig] = TrainConfig, *, defaults: dict | None = None,
-                    skip: tuple = ()) -> None:
-    """One flag per config field: ``--kebab-name``, parsed by the field's type, help from its metadata.
+def add_config_args(p, config_cls: type[Config] = TrainConfig, *, defaults: dict | None = None,
+                    skip: tuple = (), prefix: str = "") -> None:
+    """One flag per config setting: ``--kebab-name`` (``--aug.rotation-deg`` for nested ones),
+    parsed by the field's type, help from its metadata.
 
     A flag not given is None and so is an empty value (an MLproject parameter left at its
     default ""): the value then comes from the recipe and the preset. ``defaults`` (the
-    stage's recipe) are shown in the help.
+    stage's recipe, dotted keys) are shown in the help. Each flag also answers to its
+    snake_case name, the spelling ``mlflow run -P name=value`` passes for parameters the
+    MLproject file does not declare. ``prefix`` names a whole config (``lgbm.``).
     """
+    word = "recipe default" if defaults else "default"
     defaults = defaults or {}
-    for f in fields(config_cls):
-        if f.name in skip:
+    for name, typ, f in leaves(config_cls, prefix):
+        if name in skip:
             continue
-        typ, meta = field_type(config_cls, f), f.metadata
-        default = defaults.get(f.name, f.default)
+        meta = f.metadata
+        default = defaults.get(name, f.default)
         text = meta.get("help", "")
         if default not in (None, ""):
-            text += f"; recipe default {str(default).lower() if typ is bool else default}"
+            text += f"; {word} {str(default).lower() if typ is bool else default}"
         metavar = ("{" + ",".join(meta["choices"]) + "}" if "choices" in meta
-                   else "{true,false}" if typ is bool else f.name.upper())
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=optional(PARSE[typ]), default=None,
-                       metavar=metavar, help=text.replace("%", "%%"))
+                   else "{true,false}" if typ is bool else name.rpartition(".")[2].upper())
+        flag, snake = "--" + name.replace("_", "-"), "--" + name
+        p.add_argument(flag, dest=name, type=optional(PARSE[typ]), default=None, metavar=metavar,
+                       help=text.replace("%", "%%"))
+        if snake != flag:
+            p.add_argument(snake, dest=name, type=optional(PARSE[typ]), default=None, help=argparse.SUPPRESS)
 
 
-def config_values(args, config_cls: type[TrainConfig] = TrainConfig) -> dict:
-    """The config values given on the command line (flags left out or empty are not given)."""
-    return {f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name, None) is not None}
+def config_values(args, config_cls: type[Config] = TrainConfig, prefix: str = "") -> dict:
+    """The config values given on the command line (flags left out or empty are not given), dotted keys
+    without ``prefix``."""
+    return {name[len(prefix):]: getattr(args, name) for name, _, _ in leaves(config_cls, prefix)
+            if getattr(args, name, None) is not None}
 
 
 def _add_train_args(p, stage: str) -> None:
@@ -228,7 +237,7 @@ def _add_train_args(p, stage: str) -> None:
                                                      "sets the values not given here")
     p.add_argument("--data-dir", help="folder with pair files (default: <project>/data; made if empty)")
     p.add_argument("--device", default="auto")
-    add_config_args(p, defaults=recipe_config(stage).to_dict(),
+    add_config_args(p, defaults=recipe_config(stage).flat(),
                     skip=("model_name", "seed") if stage == "stage3" else ())
     if stage == "stage3":
         p.add_argument("--members", default="", help="variant:seed,... (default: all eight members)")
@@ -367,9 +376,11 @@ def _add_tune(sub) -> None:
 # ---------------------------------------------------------------- stack and predict
 def _cmd_stack(args) -> int:
     from pairnet.stack import StackRequest, run_stack
+    from pairnet.stacking import LgbmConfig
 
+    lgbm = LgbmConfig().updated(config_values(args, LgbmConfig, prefix="lgbm."))
     out = run_stack(StackRequest(models=args.models, data_dir=args.data_dir, preset=args.preset,
-                                 n_folds=args.n_folds, seed=args.seed))
+                                 n_folds=args.n_folds, seed=args.seed, lgbm=lgbm))
     print(f"stacked {len(out['bases'])} base models: CV out-of-fold acc {out['cv_oof_acc']:.4f} "
           f"(folds {', '.join(f'{f:.3f}' for f in out['folds'])})")
     for row in out["table"]:
@@ -408,8 +419,11 @@ def _add_stack(sub) -> None:
                                                 "(default: the champion of every pairnet-* base model)")
     p.add_argument("--data-dir")
     p.add_argument("--preset", default="full", help="sizes the default data if it must be made")
-    p.add_argument("--n-folds", type=whole, default=5)
-    p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--n-folds", type=whole, default=5, help="folds of the out-of-fold accuracy on val (default 5)")
+    p.add_argument("--seed", type=whole, default=42, help="seed of the folds and of LightGBM (default 42)")
+    from pairnet.stacking import LgbmConfig
+
+    add_config_args(p, LgbmConfig, prefix="lgbm.")
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser("predict", help="write id,label predictions for a pair file")

@@ -67,21 +67,17 @@ def build_config(stage: str, preset: str, explicit: dict, *,
     """The stage's config: recipe defaults, then the preset, then the values the user gave.
 
     ``explicit`` holds only what the user gave (``None`` = not given), so a given value
-    always wins, even one equal to the recipe's.
+    always wins, even one equal to the recipe's. Keys of nested settings are dotted
+    (``aug.rotation_deg``).
     """
-    values = recipe_config(stage, config_cls).to_dict()
+    values = {}
     chosen = check_preset(preset)
     values.update(chosen["train"])
     if stage == "pretrain":
         values.update(chosen["pretrain"])
     if explicit.get("init_from"):
         values.update(chosen["finetune"])
-    for key, value in explicit.items():
-        if value is None:
-            continue
-        if key not in values:
-            raise PairnetError(f"unknown training parameter '{key}'")
-        values[key] = value
-    if "layers" in values and isinstance(values["layers"], (list, tuple)):
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    if isinstance(values.get("layers"), (list, tuple)):
         values["layers"] = ",".join(str(v) for v in values["layers"])
-    return config_cls(**values).validate()
+    return recipe_config(stage, config_cls).updated(values).validate()

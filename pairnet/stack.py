@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -22,17 +22,15 @@ from mlflow.tracking import MlflowClient
 
 from pairnet.data.generate import FILES
 from pairnet.data.pairs import PairSet, load_pairs, to_labels, write_npz
-from pairnet.errors import PairnetError
-from pairnet.tracking import registry
-from pairnet.train.metrics import accuracy
-from pairnet.tracking.model import KIND_TAG, check_version, load_trusted
 from pairnet.data.splits import check_data_dir, load_splits
+from pairnet.errors import PairnetError
+from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, make_lgbm, meta_features
+from pairnet.tracking import registry
+from pairnet.tracking.model import KIND_TAG, check_version, load_trusted
 from pairnet.tracking.session import setup_tracking
+from pairnet.train.metrics import accuracy
 
 log = logging.getLogger(__name__)
-
-EPS = 1e-6
-
 
 @dataclass(frozen=True)
 class BaseModel:
@@ -79,11 +77,6 @@ def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[B
     return sorted(out, key=lambda b: b.key)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, EPS, 1 - EPS)
-    return np.log(p / (1 - p))
-
-
 def base_probabilities(base: BaseModel, splits: dict[str, PairSet], digest: str,
                        client: MlflowClient | None = None) -> dict[str, np.ndarray]:
     """Each base model predicts every split once; the result is cached as an artifact of
@@ -108,39 +101,6 @@ def base_probabilities(base: BaseModel, splits: dict[str, PairSet], digest: str,
     return probs
 
 
-def meta_features(probs: list[np.ndarray]) -> np.ndarray:
-    """Per base model: probability and logit."""
-    cols = []
-    for p in probs:
-        cols += [p, _logit(p)]
-    return np.stack(cols, axis=1).astype(np.float64)
-
-
-# ---------------------------------------------------------------- meta-learner
-def make_lgbm(seed: int):
-    from lightgbm import LGBMClassifier
-
-    # Stumps-like trees and strong regularisation: the meta-learner sees only val (10k pairs
-    # at full size, 1,500 at quick), and its inputs are already good, correlated predictors.
-    # On the quick pipeline's four fine-tuned models, 5-fold out-of-fold accuracy was 0.863
-    # with 7 leaves / 20 per leaf / 200 trees and 0.876 with this setting (best single 0.877).
-    return LGBMClassifier(n_estimators=100, learning_rate=0.05, num_leaves=3, min_child_samples=50,
-                          subsample=0.8, subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0,
-                          random_state=seed, verbose=-1, n_jobs=2)
-
-
-def cross_validate(x: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> tuple[np.ndarray, list[float]]:
-    from sklearn.model_selection import StratifiedKFold
-
-    oof = np.zeros(len(y))
-    folds = []
-    for train_idx, test_idx in StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, y):
-        model = make_lgbm(seed).fit(x[train_idx], y[train_idx])
-        oof[test_idx] = model.predict_proba(x[test_idx])[:, 1]
-        folds.append(accuracy(oof[test_idx], y[test_idx]))
-    return oof, folds
-
-
 # ---------------------------------------------------------------- the stage
 @dataclass
 class StackRequest:
@@ -149,6 +109,7 @@ class StackRequest:
     preset: str = "full"
     n_folds: int = 5
     seed: int = 42
+    lgbm: LgbmConfig = field(default_factory=LgbmConfig)
     parent_run_id: str | None = None  # set by the pipeline: the stack run becomes its child
 
 
@@ -173,6 +134,7 @@ def run_stack(req: StackRequest) -> dict:
 
     if req.n_folds < 2:
         raise PairnetError(f"n_folds must be >= 2 (got {req.n_folds})")
+    req.lgbm.validate()
     check_data_dir(req.data_dir)
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
@@ -185,7 +147,7 @@ def run_stack(req: StackRequest) -> dict:
     with managed_run(parent):
         mlflow.log_params({"stack.n_base_models": len(bases), "stack.n_folds": req.n_folds, "stack.seed": req.seed,
                            "stack.base_models": ",".join(b.key for b in bases)[:6000],
-                           "stack.meta_features": "probability,logit"})
+                           "stack.meta_features": ",".join(META_FEATURES), **req.lgbm.as_params("stack.lgbm.")})
         mlflow.set_tags({f"pairnet.base.{i}": f"{b.name}/{b.version}@{b.run_id}" for i, b in enumerate(bases)})
         from tqdm.auto import tqdm
 
@@ -195,13 +157,13 @@ def run_stack(req: StackRequest) -> dict:
         x_val = meta_features([probs[b.key]["val"] for b in bases])
         x_pub = meta_features([probs[b.key]["public"] for b in bases])
 
-        oof, folds = cross_validate(x_val, y_val, req.n_folds, req.seed)
+        oof, folds = cross_validate(x_val, y_val, req.n_folds, req.seed, req.lgbm)
         cv_acc = accuracy(oof, y_val)
         for i, acc in enumerate(folds, start=1):
             mlflow.log_metric("cv_fold_acc", acc, step=i)
         mlflow.log_metrics({"cv_oof_acc": cv_acc, "cv_fold_acc_std": float(np.std(folds))})
 
-        meta = make_lgbm(req.seed).fit(x_val, y_val)
+        meta = make_lgbm(req.seed, req.lgbm).fit(x_val, y_val)
         table = []
 
         def judge(method: str, p: np.ndarray) -> None:
@@ -224,7 +186,8 @@ def run_stack(req: StackRequest) -> dict:
 
         lineage = {"base_models": [{"key": b.key, "name": b.name, "version": b.version, "run_id": b.run_id,
                                     "val_acc": val_accs[b.key]} for b in bases],
-                   "meta_features": ["probability", "logit"], "cv_oof_acc": cv_acc, "cv_fold_acc": folds}
+                   "meta_features": list(META_FEATURES), "lgbm": req.lgbm.to_dict(), "cv_oof_acc": cv_acc,
+                   "cv_fold_acc": folds}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             df = pd.DataFrame(table)

@@ -253,7 +253,7 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
             trial.set_user_attr("mlflow_run_id", child)
             client.log_batch(child, params=[Param(k, str(v)) for k, v in
                                             {"lr": lr, "weight_decay": wd, "trial_number": trial.number,
-                                             **{f"cfg.{k}": v for k, v in cfg.to_dict().items()}}.items()])
+                                             **cfg.as_params()}.items()])
             torch.manual_seed(cfg.seed)
             model = create_model(cfg.model_name, **cfg.model_overrides())
             if source is not None:

@@ -11,7 +11,8 @@ from pairnet.cli import OneLineParser, add_config_args, build_parser, config_val
 from pairnet.errors import PairnetError
 from pairnet.presets import PRESETS, STAGE_RECIPE, build_config
 from pairnet.train import TrainConfig
-from pairnet.train.config import param
+from pairnet.config import param, section
+from pairnet.train.config import AugmentConfig
 
 # The flags users' scripts rely on: generated now, so every one must still be there.
 LEGACY_FLAGS = ["--model-name", "--layers", "--width-mult", "--feat-dim", "--block", "--attention", "--dropout",
@@ -26,6 +27,18 @@ class WithWarmup(TrainConfig):
     """What a contributor writes to add a hyper-parameter: one field with its metadata."""
 
     warmup_steps: int = param(0, "linear learning-rate warm-up steps", min=0)
+
+
+@dataclass
+class WiderAugment(AugmentConfig):
+    """The same inside a nested section."""
+
+    cutout_holes: int = param(1, "rectangles erased per half", min=0)
+
+
+@dataclass
+class WithWiderAugment(TrainConfig):
+    aug: WiderAugment = section(WiderAugment, "augmentation details")
 
 
 def _stage_parser(stage: str) -> argparse.ArgumentParser:
@@ -108,6 +121,46 @@ def test_cli_path_explicit_beats_preset():
 def test_unknown_keys_are_refused():
     with pytest.raises(PairnetError, match="unknown training parameter 'epoch'"):
         build_config("stage1", "tiny", {"epoch": 3})
+
+
+def test_nested_settings_reach_cli_params_and_checkpoint(splits, tmp_path):
+    from pairnet.models import create_model
+    from pairnet.train import fit, load_checkpoint, pick_device
+
+    parser = OneLineParser(prog="t")
+    add_config_args(parser, WithWiderAugment)
+    text = parser.format_help()
+    assert "--aug.rotation-deg" in text and "--sched.plateau-factor" in text and "--aug.cutout-holes" in text
+    assert "largest rotation, degrees" in text and "rectangles erased per half" in text
+    # mlflow run passes undeclared -P name=value as --name value: the snake_case spelling works too.
+    args = parser.parse_args(["--aug.cutout-holes", "3", "--aug.rotation_deg", "4", "--sched.plateau-factor",
+                              "0.25", "--scheduler", "plateau", "--model-name", "compare_cnn", "--amp", "off"])
+    assert config_values(args, WithWiderAugment) == {"aug.cutout_holes": 3, "aug.rotation_deg": 4.0,
+                                                     "sched.plateau_factor": 0.25, "scheduler": "plateau",
+                                                     "model_name": "compare_cnn", "amp": "off"}
+    cfg = build_config("stage2", "tiny", config_values(args, WithWiderAugment), config_cls=WithWiderAugment)
+    assert (cfg.aug.cutout_holes, cfg.aug.rotation_deg, cfg.aug.shift_px) == (3, 4.0, 2.0)
+    params = cfg.as_params()
+    assert params["cfg.aug.cutout_holes"] == 3 and params["cfg.sched.plateau_factor"] == 0.25
+    assert params["cfg.aug.erase_max_px"] == 12  # defaults are logged too
+    fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=pick_device("cpu"),
+        checkpoint_path=tmp_path / "last.pt")
+    saved = load_checkpoint(tmp_path / "last.pt")["config"]
+    assert saved["aug"]["cutout_holes"] == 3 and saved["sched"]["plateau_factor"] == 0.25
+    assert WithWiderAugment.from_dict(saved) == cfg  # a resumed run gets the same config back
+
+
+def test_nested_bounds_unknown_keys_and_old_checkpoints():
+    with pytest.raises(PairnetError, match=r"aug.swap must be in \[0, 1\] \(got 1.5\)"):
+        build_config("stage2", "tiny", {"aug.swap": 1.5})
+    with pytest.raises(PairnetError, match=r"aug.erase_min_px \(20\) must be <= aug.erase_max_px \(12\)"):
+        build_config("stage2", "tiny", {"aug.erase_min_px": 20})
+    with pytest.raises(PairnetError, match="unknown training parameter 'aug.rotation'"):
+        build_config("stage2", "tiny", {"aug.rotation": 3})
+    # A checkpoint written before the sections existed loads with their defaults.
+    old = {k: v for k, v in TrainConfig(epochs=3).to_dict().items() if k not in ("aug", "sched")}
+    cfg = TrainConfig.from_dict(old)
+    assert cfg.epochs == 3 and cfg.aug == AugmentConfig() and cfg.sched.plateau_patience == 2
 
 
 @pytest.mark.parametrize("over, message", [

@@ -32,7 +32,8 @@ def stacked(mlflow_server, tiny_data):
         os.environ.pop("MLFLOW_EXPERIMENT_NAME")
     uris = ",".join(f"models:/pairnet-{v}@champion" for v in BASES)
     env = user_env(mlflow_server, "it-stack")
-    proc = mlflow_run("stack", {"models": uris, "data_dir": tiny_data, "n_folds": 5}, env)
+    # lgbm.* is not declared in MLproject: mlflow run passes it on as --lgbm.num_leaves 4.
+    proc = mlflow_run("stack", {"models": uris, "data_dir": tiny_data, "n_folds": 5, "lgbm.num_leaves": 4}, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return uris
 
@@ -49,6 +50,8 @@ def test_stack_run_metrics_baselines_lineage(stacked):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"comparison.csv", "comparison.png", "lineage.json", "meta_model.txt", "submission_private.csv"} <= arts
     lineage = json.loads(open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
+    assert run.data.params["stack.lgbm.num_leaves"] == "4" and lineage["lgbm"]["num_leaves"] == 4
+    assert run.data.params["stack.lgbm.min_child_samples"] == "50"  # the defaults are logged too
     assert sorted(b["name"] for b in lineage["base_models"]) == sorted(f"pairnet-{v}" for v in BASES)
     for b in lineage["base_models"]:
         assert client.get_model_version(b["name"], b["version"]).run_id == b["run_id"]

@@ -1,36 +1,28 @@
 """Batched augmentation on the training device: no per-sample Python.
 
-Every random draw comes from one CPU ``torch.Generator`` (small per-sample parameter
+The settings are ``TrainConfig.aug`` (``pairnet.train.config.AugmentConfig``). Every
+random draw comes from one CPU ``torch.Generator`` (small per-sample parameter
 vectors), so a run is reproducible and resumable; the pixel work runs on the device.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    swap: float = 0.5  # probability of swapping the halves (label flips: digits always differ)
-    rotation_deg: float = 10.0
-    shift_px: float = 2.0
-    scale: float = 0.1  # relative: scale in [1 - s, 1 + s]
-    erase: float = 0.5  # probability of one extra black rectangle per half
-    erase_px: tuple[int, int] = (4, 12)
+from pairnet.train.config import AugmentConfig
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g) * (hi - lo) + lo
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, cfg: AugmentConfig = AugmentConfig(),
+def augment_batch(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, cfg: AugmentConfig | None = None,
                   digits: torch.Tensor | None = None):
     """x (B, 28, 56) float in [0, 1], y (B,) float, optional digit labels (B, 2)
     → augmented copies (x, y, digits); digits (None when not given) follow a swap."""
+    cfg = cfg or AugmentConfig()
     b, dev = x.shape[0], x.device
     swap = (torch.rand(b, generator=g) < cfg.swap).to(dev)
     left, right = x[:, :, :28], x[:, :, 28:]
@@ -49,7 +41,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, cfg: Aug
     halves = F.grid_sample(halves[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
     on = (torch.rand(m, generator=g) < cfg.erase).to(dev)
-    lo, hi = cfg.erase_px
+    lo, hi = cfg.erase_min_px, cfg.erase_max_px
     w = _uniform(m, lo, hi, g).to(dev)
     h = _uniform(m, lo, hi, g).to(dev)
     x0 = _uniform(m, -2, 28, g).to(dev)

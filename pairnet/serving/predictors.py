@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from pairnet.data.pairs import IMAGE_SHAPE, to_labels
 from pairnet.errors import PairnetError
 from pairnet.models import PairModel, model_from_spec
+from pairnet.stacking import meta_features
 
 WEIGHTS = "weights.safetensors"
 SPEC = "spec.json"
@@ -108,8 +109,6 @@ class StackPredictor:
         return cls(bases, lightgbm.Booster(model_file=str(folder / META_MODEL)))
 
     def probabilities(self, x) -> np.ndarray:
-        from pairnet.stack import meta_features
-
         x = _as_pairs(x)
         out = np.empty(len(x), dtype=np.float64)
         for start in range(0, len(x), self.batch):

@@ -1,72 +1,54 @@
-"""One flat training config: parsed at the edge, logged as run params, saved in checkpoints.
+"""The training config: parsed at the edge, logged as run params, saved in checkpoints.
 
-Each field carries its own help, choices and bounds (``param``): the CLI flags, the
-checks in ``validate`` and the logged params all come from here, so a new
-hyper-parameter is one field plus the code that uses it.
+Each field carries its own help, choices and bounds (``param``); augmentation and
+schedule details are nested sections (``aug.*``, ``sched.*``). The CLI flags, the checks
+in ``validate`` and the logged params all come from here, so a new hyper-parameter is
+one field plus the code that uses it.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import types
-import typing
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import dataclass
 
+from pairnet.config import Config, param, section
 from pairnet.errors import PairnetError
 
 MODEL_KEYS = ("layers", "width_mult", "feat_dim", "block", "attention", "fusion", "dropout")
 
 
-def param(default, help: str, *, choices: tuple | None = None, min: float | None = None,
-          above: float | None = None, below: float | None = None):
-    """A config field with its help text, allowed values and bounds.
+@dataclass
+class AugmentConfig(Config):
+    """Batch augmentation (``pairnet.data.augment``), drawn per half."""
 
-    ``min`` is an inclusive lower bound, ``above`` an exclusive one, ``below`` an
-    exclusive upper bound; ``None`` (for fields that allow it) skips every check.
-    """
-    meta = {"help": help}
-    meta.update({k: v for k, v in (("choices", choices), ("min", min), ("above", above), ("below", below))
-                 if v is not None})
-    return field(default=default, metadata=meta)
+    swap: float = param(0.5, "probability of swapping the halves (the label flips)", min=0, max=1)
+    rotation_deg: float = param(10.0, "largest rotation, degrees", min=0)
+    shift_px: float = param(2.0, "largest shift, pixels", min=0)
+    scale: float = param(0.1, "scale drawn in [1 - scale, 1 + scale]", min=0, below=1)
+    erase: float = param(0.5, "probability of one extra black rectangle per half", min=0, max=1)
+    erase_min_px: int = param(4, "smallest side of that rectangle, pixels", min=1)
+    erase_max_px: int = param(12, "largest side of that rectangle, pixels", min=1)
 
-
-def field_type(cls, f: Field) -> type:
-    """A field's value type, ``X | None`` unwrapped to ``X``."""
-    hint = typing.get_type_hints(cls)[f.name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    return hint
-
-
-def check_field(cls, f: Field, value) -> None:
-    """One field's value against its type and metadata; raises a one-line PairnetError."""
-    if value is None:
-        return
-    typ, meta, name = field_type(cls, f), f.metadata, f.name
-    if typ in (int, float):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise PairnetError(f"{name} must be a number (got {value!r})")
-        if not math.isfinite(value):
-            raise PairnetError(f"{name} must be a finite number (got {value})")
-        if typ is int and value != int(value):
-            raise PairnetError(f"{name} must be a whole number (got {value})")
-        low, high = meta.get("min", meta.get("above")), meta.get("below")
-        too_low = ("min" in meta and value < meta["min"]) or ("above" in meta and value <= meta["above"])
-        if too_low or (high is not None and value >= high):
-            if low is not None and high is not None:
-                bound = f"in {'[' if 'min' in meta else '('}{low}, {high})"
-            elif low is not None:
-                bound = f"{'>=' if 'min' in meta else '>'} {low}"
-            else:
-                bound = f"< {high}"
-            raise PairnetError(f"{name} must be {bound} (got {value})")
-    if "choices" in meta and value not in meta["choices"]:
-        raise PairnetError(f"{name} '{value}' is not one of {', '.join(meta['choices'])}")
+    def rules(self) -> None:
+        if self.erase_min_px > self.erase_max_px:
+            raise PairnetError(f"aug.erase_min_px ({self.erase_min_px}) must be <= aug.erase_max_px "
+                               f"({self.erase_max_px})")
 
 
 @dataclass
-class TrainConfig:
+class SchedulerConfig(Config):
+    """Details of the learning-rate schedules (``scheduler`` picks one)."""
+
+    cosine_min_lr: float = param(0.0, "cosine: the learning rate reached at the last epoch", min=0)
+    plateau_factor: float = param(0.5, "plateau: multiply the learning rate by this when val accuracy stalls",
+                                  above=0, below=1)
+    plateau_patience: int = param(2, "plateau: epochs without a val-accuracy gain before lowering it", min=0)
+    onecycle_pct_start: float = param(0.3, "onecycle: share of the steps spent warming up", above=0, below=1)
+
+
+@dataclass
+class TrainConfig(Config):
+    WHAT = "training parameter"
+
     # Model: a zoo name plus overrides (None = the variant's default).
     model_name: str = param("resnet_optimized_1.12", "zoo model, e.g. compare_cnn, improved_v2, resnet_optimized, "
                             "resnet_optimized_1.12, resnet_fusion, fpn_model")
@@ -83,6 +65,7 @@ class TrainConfig:
     lr: float = param(1e-3, "AdamW learning rate", above=0)
     weight_decay: float = param(5e-4, "AdamW decoupled weight decay", min=0)
     scheduler: str = param("cosine", "learning-rate schedule", choices=("cosine", "plateau", "onecycle", "none"))
+    sched: SchedulerConfig = section(SchedulerConfig, "learning-rate schedule details")
     grad_clip: float = param(1.0, "max global gradient norm (0: no clipping)", min=0)
     patience: int = param(10, "epochs without a val-accuracy gain before stopping (0: no early stop)", min=0)
     # Loss: focal (alpha, gamma) with label smoothing, or plain BCE.
@@ -98,7 +81,8 @@ class TrainConfig:
     max_steps_per_epoch: int = param(0, "cap on steps per epoch (0: whole epochs; >0 for benchmarks, smoke tests)",
                                      min=0)
     # Data.
-    augment: bool = param(True, "batch augmentation (swap halves, erase a rectangle)")
+    augment: bool = param(True, "batch augmentation (swap halves, rotate, shift, scale, erase a rectangle)")
+    aug: AugmentConfig = section(AugmentConfig, "augmentation details (with augment on)")
     seed: int = param(42, "seed of weights, data order and augmentation")
     # Digit supervision: weight of the 10-class digit loss on both halves (needs the
     # training file's digit_a/digit_b arrays; 0 = pair loss only, the seed recipe).
@@ -111,8 +95,7 @@ class TrainConfig:
     tower_lr_mult: float = param(1.0, "tower learning rate = lr x this (with init_from the preset uses 0.05)", min=0)
 
     def validate(self) -> "TrainConfig":
-        for f in fields(self):
-            check_field(type(self), f, getattr(self, f.name))
+        super().validate()
         if self.init_from and not self.init_from.startswith("models:/"):
             raise PairnetError(f"init_from '{self.init_from}' must be a registry URI such as "
                                "models:/pairnet-pretrain-resnet_optimized@champion (or empty for from scratch)")
@@ -129,15 +112,3 @@ class TrainConfig:
             except ValueError:
                 raise PairnetError(f"layers '{self.layers}' must be comma-separated integers such as 3,3,3") from None
         return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def as_params(self) -> dict:
-        """Every field as the run param ``cfg.<name>``, as a training run logs them."""
-        return {f"cfg.{k}": v for k, v in self.to_dict().items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})

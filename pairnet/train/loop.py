@@ -202,12 +202,15 @@ def eta(seconds: float) -> str:
 
 def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), "epoch"
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.sched.cosine_min_lr)
+        return sched, "epoch"
     if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2), "plateau"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.sched.plateau_factor,
+                                                          patience=cfg.sched.plateau_patience), "plateau"
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], epochs=cfg.epochs,
-                                                   steps_per_epoch=steps_per_epoch), "step"
+                                                   steps_per_epoch=steps_per_epoch,
+                                                   pct_start=cfg.sched.onecycle_pct_start), "step"
     return None, "none"
 
 
@@ -303,7 +306,7 @@ def fit(
             yb = ys[idx]
             db = ds[idx] if aux else None
             if cfg.augment:
-                xb, yb, db = augment_batch(xb, yb, gen, digits=db)
+                xb, yb, db = augment_batch(xb, yb, gen, cfg.aug, digits=db)
             with autocast(device, dtype):
                 if aux:
                     logits, dlog = model.forward_with_digits(xb)
