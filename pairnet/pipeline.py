@@ -22,12 +22,13 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pairnet import names
 from pairnet.data.generate import FILES, GENERATOR_VERSION, LABELS_CSV, GenConfig, has_pair_files, make_dataset
 from pairnet.fsutil import folder_lock
 from pairnet.paths import PACKAGE_DIR
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
-from pairnet.tracking.lifecycle import experiment_url, managed_run, start_or_attach
+from pairnet.tracking.lifecycle import experiment_url, tracked_run
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
 from pairnet.data.splits import check_data_dir, load_splits
 from pairnet.tracking.session import setup_tracking
@@ -131,17 +132,17 @@ def step_key(step: str, params: dict, code: str, reads: dict, env: dict) -> str:
 def find_finished(key: str, client: MlflowClient) -> mlflow.entities.Run | None:
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exp_ids,
-                              filter_string=f"tags.`pairnet.step_key` = '{key}' and attributes.status = 'FINISHED'",
+                              filter_string=f"tags.`{names.TAG_STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
 def _summary_from_run(run) -> dict:
     t, m = run.data.tags, run.data.metrics
-    return {"run_id": run.info.run_id, "name": t["pairnet.registered_name"], "version": t["pairnet.model_version"],
+    return {"run_id": run.info.run_id, "name": t[names.TAG_REGISTERED_NAME], "version": t[names.TAG_MODEL_VERSION],
             "val_acc": m.get("final_val_acc"), "test_public_acc": m.get("test_public_acc"),
-            "stage": t["pairnet.stage"], "model": t["pairnet.model"], "seed": int(t["pairnet.seed"]),
-            "init_from": t.get("pairnet.init_from"), "reused": True}
+            "stage": t[names.TAG_STAGE], "model": t[names.TAG_MODEL], "seed": int(t[names.TAG_SEED]),
+            "init_from": t.get(names.TAG_INIT_FROM), "reused": True}
 
 
 def run_pipeline(req: PipelineRequest) -> dict:
@@ -158,10 +159,12 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
     client = MlflowClient()
     code = code_version()
     env = environment()
-    parent = start_or_attach(f"pipeline/{req.preset}", {"pairnet.stage": "pipeline", "pairnet.preset": req.preset,
-                                                       "pairnet.code_version": code})
     reused, rows = [], []
-    with managed_run(parent):
+    with tracked_run(f"pipeline/{req.preset}", {names.TAG_STAGE: "pipeline", names.TAG_PRESET: req.preset,
+                                                "pairnet.code_version": code},
+                     description=f"the whole recipe at preset {req.preset}: data, pretrain, stages 2-3, stack, "
+                                 "predictions; finished steps are reused") as run:
+        parent = run.run_id
         mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code})
         # data
         gen = GenConfig(size=preset["data_size"], seed=req.seed)
@@ -193,12 +196,12 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         if done is not None and _version_exists(done, client, registry.STACK_NAME):
             log.info("step stack: reused run %s", done.info.run_id)
             reused.append("stack")
-            stack = {"run_id": done.info.run_id, "version": done.data.tags.get("pairnet.model_version", "?"),
+            stack = {"run_id": done.info.run_id, "version": done.data.tags.get(names.TAG_MODEL_VERSION, "?"),
                      "cv_oof_acc": done.data.metrics["cv_oof_acc"],
                      "test_public_acc": done.data.metrics["test_public_acc_lightgbm_stack"]}
         else:
             out = run_stack(StackRequest(models=uris, data_dir=str(d), preset=req.preset, parent_run_id=parent))
-            client.set_tag(out["run_id"], "pairnet.step_key", key)
+            client.set_tag(out["run_id"], names.TAG_STEP_KEY, key)
             stack = {"run_id": out["run_id"], "version": out["version"], "cv_oof_acc": out["cv_oof_acc"],
                      "test_public_acc": out["table"][0]["test_public_acc"]}
 
@@ -208,7 +211,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
                        reads_digest(d, PREDICT_READS), env)
         done = find_finished(key, client)
         if done is not None and pred_path.exists() and \
-                done.data.tags.get("pairnet.output_digest") == file_digest(pred_path):
+                done.data.tags.get(names.TAG_OUTPUT_DIGEST) == file_digest(pred_path):
             log.info("step predict: reused run %s (%s)", done.info.run_id, pred_path)
             reused.append("predict")
         else:
@@ -254,7 +257,7 @@ def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req:
         return _summary_from_run(done)
     res = train_tracked(cfg, stage=stage, splits=splits, registered=name, run_name=label, device=req.device,
                         preset=req.preset, parent_run_id=parent)
-    client.set_tag(res["run_id"], "pairnet.step_key", key)
+    client.set_tag(res["run_id"], names.TAG_STEP_KEY, key)
     return {**res, "reused": False}
 
 
@@ -262,7 +265,7 @@ def _version_exists(run, client: MlflowClient, name: str | None = None) -> bool:
     """The registered version a finished step made still exists (a user may have deleted it)."""
     t = run.data.tags
     try:
-        client.get_model_version(name or t["pairnet.registered_name"], t["pairnet.model_version"])
+        client.get_model_version(name or t[names.TAG_REGISTERED_NAME], t[names.TAG_MODEL_VERSION])
         return True
     except (KeyError, mlflow.exceptions.MlflowException):
         return False
@@ -285,8 +288,7 @@ def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:
         log.warning("step data: %s holds pair files that are not the %s default set; they are kept and used",
                     d, gen.size)
         return
-    run_id = start_or_attach("pipeline/data", {"pairnet.stage": "data"}, parent_run_id=parent)
-    with managed_run(run_id):
+    with tracked_run("pipeline/data", {names.TAG_STAGE: "data"}, parent_run_id=parent):
         with tqdm(total=4, desc="making data", unit="split", disable=None, leave=False) as bar:
             meta = make_dataset(d, gen, progress=lambda split: bar.update(1))
         mlflow.log_params({"data.size": gen.size, "data.seed": gen.seed, "data.severity": gen.severity})
@@ -296,12 +298,10 @@ def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:
 def _run_predict_step(model_uri: str, d: Path, out: Path, parent: str, key: str) -> None:
     from pairnet.predict import check_submission, predict_file
 
-    run_id = start_or_attach("pipeline/predict", {"pairnet.stage": "predict", "pairnet.step_key": key},
-                             parent_run_id=parent)
-    with managed_run(run_id):
+    with tracked_run("pipeline/predict", {names.TAG_STAGE: "predict", names.TAG_STEP_KEY: key}, parent_run_id=parent):
         n = predict_file(model_uri, d / FILES["private"], out)
         problems = check_submission(d / FILES["private"], out)
-        mlflow.set_tag("pairnet.output_digest", file_digest(out))
+        mlflow.set_tag(names.TAG_OUTPUT_DIGEST, file_digest(out))
         mlflow.log_params({"predict.model": model_uri, "predict.rows": n})
         mlflow.log_metric("submission_problems", float(len(problems)))
         mlflow.log_artifact(str(out))

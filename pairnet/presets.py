@@ -51,6 +51,27 @@ STAGE_RECIPE = {
                      scheduler="onecycle", lr=3e-3, augment=False),
 }
 
+# Stage 3 members: (model variant, seed), DESIGN.md.
+STAGE3_MEMBERS = (
+    [("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)]
+    + [("fpn_model", 42)]
+    + [("improved_v2", s) for s in (42, 123, 456)]
+)
+
+
+def parse_members(text: str) -> list[tuple[str, int]]:
+    """``variant:seed,...`` (empty: all of STAGE3_MEMBERS)."""
+    if not text.strip():
+        return list(STAGE3_MEMBERS)
+    out = []
+    for item in text.split(","):
+        variant, _, seed = item.strip().partition(":")
+        try:
+            out.append((variant, int(seed)))
+        except ValueError:
+            raise PairnetError(f"member '{item}' must look like variant:seed, e.g. fpn_model:42") from None
+    return out
+
 
 def check_preset(preset: str) -> dict:
     if preset not in PRESETS:

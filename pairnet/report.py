@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from pairnet import names
 from pairnet.tracking.registry import list_registered
 
 STAGE_ORDER = {"pretrain": 0, "stage1": 1, "stage2": 2, "stage3": 3, "tune": 3.5, "stack": 4}
@@ -26,11 +27,11 @@ def ladder(experiment: str | None = None, client: MlflowClient | None = None) ->
                               max_results=2000)
     rows = []
     for r in runs:
-        stage = r.data.tags.get("pairnet.stage")
+        stage = r.data.tags.get(names.TAG_STAGE)
         m = r.data.metrics
         if stage in ("pretrain", "stage1", "stage2", "stage3"):
-            rows.append({"stage": stage, "model": r.data.tags.get("pairnet.registered_name"),
-                         "init_from": r.data.tags.get("pairnet.init_from", ""),
+            rows.append({"stage": stage, "model": r.data.tags.get(names.TAG_REGISTERED_NAME),
+                         "init_from": r.data.tags.get(names.TAG_INIT_FROM, ""),
                          "val_acc": m.get("final_val_acc"), "test_public_acc": m.get("test_public_acc"),
                          "run_id": r.info.run_id, "start": r.info.start_time})
         elif stage == "stack":
@@ -57,7 +58,7 @@ def stack_comparison(experiment: str | None = None, client: MlflowClient | None 
 
     client = client or MlflowClient()
     runs = client.search_runs(_experiment_ids(client, experiment),
-                              filter_string="tags.`pairnet.stage` = 'stack' and attributes.status = 'FINISHED'",
+                              filter_string=f"tags.`{names.TAG_STAGE}` = 'stack' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return pd.DataFrame(columns=["method", "test_public_acc"])

@@ -20,13 +20,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pairnet import names
 from pairnet.data.generate import FILES
 from pairnet.data.pairs import PairSet, load_pairs, to_labels, write_npz
 from pairnet.data.splits import check_data_dir, load_splits
 from pairnet.errors import PairnetError
 from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, make_lgbm, meta_features
 from pairnet.tracking import registry
-from pairnet.tracking.model import KIND_TAG, check_version, load_trusted
+from pairnet.tracking.model import check_version, load_trusted
 from pairnet.tracking.session import setup_tracking
 from pairnet.train.metrics import accuracy
 
@@ -56,7 +57,7 @@ def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[B
     if spec.strip():
         for uri in (u.strip() for u in spec.split(",") if u.strip()):
             mv = check_version(uri, client)  # a model pairnet did not log is refused here
-            if (mv.tags or {}).get(KIND_TAG) == "stack":
+            if (mv.tags or {}).get(names.TAG_KIND) == "stack":
                 raise PairnetError(f"{uri} is a stack, not a base model")
             out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
     else:
@@ -128,7 +129,7 @@ def run_stack(req: StackRequest) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from pairnet import plots
-    from pairnet.tracking.lifecycle import managed_run, start_or_attach
+    from pairnet.tracking.lifecycle import tracked_run
     from pairnet.tracking.model import PYFUNC_CODE, SIGNATURE, copy_model_artifacts, mark_version, requirements
     from pairnet.tracking.server import tracking_uri
 
@@ -142,9 +143,10 @@ def run_stack(req: StackRequest) -> dict:
     splits, val = load_stack_splits(req.data_dir, req.preset)
     setup_tracking()
     digest = "".join(p.digest()[:6] for p in splits.values())
-    parent = start_or_attach("stack/lightgbm", {"pairnet.stage": "stack", "pairnet.data_digest": digest},
-                             parent_run_id=req.parent_run_id)
-    with managed_run(parent):
+    with tracked_run("stack/lightgbm", {names.TAG_STAGE: "stack", names.TAG_DATA_DIGEST: digest},
+                     parent_run_id=req.parent_run_id,
+                     description=f"stage 4: LightGBM over {len(bases)} registered base models") as run:
+        parent = run.run_id
         mlflow.log_params({"stack.n_base_models": len(bases), "stack.n_folds": req.n_folds, "stack.seed": req.seed,
                            "stack.base_models": ",".join(b.key for b in bases)[:6000],
                            "stack.meta_features": ",".join(META_FEATURES), **req.lgbm.as_params("stack.lgbm.")})

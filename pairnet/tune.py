@@ -26,7 +26,6 @@ Nothing lost, nothing left RUNNING:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -36,7 +35,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pairnet import names
 from pairnet.errors import PairnetError
 from pairnet.models import create_model
 from pairnet.serving import load_pair_dir, save_pair_dir
@@ -58,7 +57,7 @@ from pairnet.tracking import registry
 from pairnet.models.transfer import copy_matching
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import fetch_init_source
-from pairnet.tracking.lifecycle import SWEPT_TAG, Terminated, managed_run, sigterm_raises, start_or_attach
+from pairnet.tracking.lifecycle import Terminated, sigterm_raises, signals_ignored, tracked_run
 from pairnet.tracking.model import log_pair_model
 from pairnet.train.loop import Callback, fit, pick_device
 from pairnet.data.splits import load_splits
@@ -68,7 +67,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "weights"  # artifact folder of each COMPLETE trial's child run: weights.safetensors + spec.json
 PROCESS_ATTR = "pairnet.process"  # trial user attr: ProcessId.as_tags() of the process running it
-SWEPT_REASON = SWEPT_TAG  # the same tag the orphan sweep sets
+SWEPT_REASON = names.TAG_SWEPT  # the same tag the orphan sweep sets
 STOP_WAIT_S = 20.0  # how long stopped workers get to end their trials KILLED before SIGKILL
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -189,17 +188,6 @@ class PruneOnValAcc(Callback):
             raise optuna.TrialPruned(f"pruned at epoch {epoch} (val acc {metrics['val_acc']:.4f})")
 
 
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Clean-up after a signal must not be cut short by a second one."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _end_child(client: MlflowClient, run_id: str | None, status: str, tags: dict[str, str]) -> None:
     """Tag and end a trial's child run; a failure here is logged, never hides the error being handled."""
     if run_id is None:
@@ -241,15 +229,21 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
         lr = trial.suggest_float("lr", req.lr_low, req.lr_high, log=True)
         wd = trial.suggest_float("weight_decay", req.wd_low, req.wd_high, log=True)
         cfg = build_config("tune", req.preset, {**explicit, "lr": lr, "weight_decay": wd})
-        child, tracker = None, None
-        try:  # the run is created inside: whatever fails from here on ends it and the trial
-            run = client.create_run(experiment_id, run_name=f"tune/{req.study_name}/trial{trial.number}", tags={
-                "mlflow.parentRunId": parent_run_id, "pairnet.stage": "tune", "pairnet.model": cfg.model_name,
-                "pairnet.seed": str(cfg.seed), "optuna.study": req.study_name,
-                "optuna.trial_number": str(trial.number), "pairnet.data_digest": splits.digest(), **me,
-                **({"pairnet.init_from": source.uri} if source else {}),
-            })
-            child = run.info.run_id
+        tracker: list[MlflowCallback] = []  # the trial's callback, once it exists
+
+        def abort(err: BaseException) -> None:
+            _flush(tracker[0] if tracker else None)
+            if isinstance(err, Terminated):  # Optuna fails a trial on KeyboardInterrupt, not on other signals
+                trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+        tags = {names.TAG_STAGE: "tune", names.TAG_MODEL: cfg.model_name, names.TAG_SEED: str(cfg.seed),
+                "optuna.study": req.study_name, "optuna.trial_number": str(trial.number),
+                names.TAG_DATA_DIGEST: splits.digest(), **({names.TAG_INIT_FROM: source.uri} if source else {})}
+        with tracked_run(f"tune/{req.study_name}/trial{trial.number}", tags, parent_run_id=parent_run_id,
+                         experiment_id=experiment_id, client=client, killed_by=(optuna.TrialPruned,),
+                         end_tags=_trial_end_tags) as run:
+            run.on_abort.append(abort)
+            child = run.run_id
             trial.set_user_attr("mlflow_run_id", child)
             client.log_batch(child, params=[Param(k, str(v)) for k, v in
                                             {"lr": lr, "weight_decay": wd, "trial_number": trial.number,
@@ -258,33 +252,28 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
             model = create_model(cfg.model_name, **cfg.model_overrides())
             if source is not None:
                 copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
-            tracker = MlflowCallback(child, client, checkpoint_every=0)
-            result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[tracker, PruneOnValAcc(trial)])
+            tracker.append(MlflowCallback(child, client, checkpoint_every=0))
+            result = fit(model, splits.train, splits.val, cfg, device=dev,
+                         callbacks=[tracker[0], PruneOnValAcc(trial)])
             # Every COMPLETE trial keeps its weights (under 4 MB even at the full preset): which
             # trial is best is only known when the study ends, perhaps in another invocation or
             # on another machine, and this way no worker has to agree with another on it.
             _log_weights(client, child, model)
             client.log_metric(child, "objective_val_acc", result.best_val_acc)
-            client.set_tag(child, "optuna.state", "COMPLETE")
-            client.set_terminated(child, "FINISHED")
             return result.best_val_acc
-        except optuna.TrialPruned:
-            _flush(tracker)
-            _end_child(client, child, "KILLED", {"pruned": "true", "optuna.state": "PRUNED"})
-            raise
-        except (KeyboardInterrupt, Terminated) as err:
-            with _signals_ignored():
-                _flush(tracker)
-                _end_child(client, child, "KILLED", {"optuna.state": "FAIL", "pairnet.interrupted": type(err).__name__})
-                if isinstance(err, Terminated):  # Optuna fails a trial on KeyboardInterrupt, not on other signals
-                    trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        except BaseException:
-            _flush(tracker)
-            _end_child(client, child, "FAILED", {"optuna.state": "FAIL"})
-            raise
 
     return objective
+
+
+def _trial_end_tags(err: BaseException | None) -> dict[str, str]:
+    """How a trial ended, on its run: Optuna's state, and what stopped it."""
+    if err is None:
+        return {"optuna.state": "COMPLETE"}
+    if isinstance(err, optuna.TrialPruned):
+        return {"pruned": "true", "optuna.state": "PRUNED"}
+    if isinstance(err, (KeyboardInterrupt, Terminated)):
+        return {"optuna.state": "FAIL", "pairnet.interrupted": type(err).__name__}
+    return {"optuna.state": "FAIL"}
 
 
 def _flush(tracker: MlflowCallback | None) -> None:
@@ -394,7 +383,7 @@ class _Workers:
                     if w.process.exitcode != 0:
                         self._replace(index, w)
         except BaseException as err:
-            with _signals_ignored():
+            with signals_ignored():
                 self.stop(f"tune stopped ({type(err).__name__})")
             raise
 
@@ -463,11 +452,12 @@ def run_tune(req: TuneRequest) -> dict:
                       source_spec=source.spec, source=source.uri)
     study = make_study(req, storage)
     before = len(study.trials)
-    parent = start_or_attach(f"tune/{req.study_name}", {"pairnet.stage": "tune", "pairnet.model": req.model_name,
-                                                        "optuna.study": req.study_name,
-                                                        "optuna.storage": mask_url(url)})
-    experiment_id = MlflowClient().get_run(parent).info.experiment_id
-    with managed_run(parent):
+    tags = {names.TAG_STAGE: "tune", names.TAG_MODEL: req.model_name, "optuna.study": req.study_name,
+            "optuna.storage": mask_url(url)}
+    what = f"Optuna study {req.study_name}: {req.n_trials} trials of lr and weight decay for {req.model_name}"
+    with tracked_run(f"tune/{req.study_name}", tags, description=what) as run:
+        parent = run.run_id
+        experiment_id = MlflowClient().get_run(parent).info.experiment_id
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items() if k != "storage"})
         mlflow.log_param("tune.storage", mask_url(url))  # never log credentials
         if req.n_workers == 1:
@@ -509,7 +499,7 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     trial_run = best.user_attrs.get("mlflow_run_id")
     known = _registered_version(name, trial_run) if trial_run else None
     if known is not None:
-        mlflow.set_tag("pairnet.best_model", f"models:/{name}/{known}")
+        mlflow.set_tag(names.TAG_BEST_MODEL, f"models:/{name}/{known}")
         summary.update(registered=name, version=known, promoted=None)
         return summary
     try:  # the weights live with the trial's run, wherever and whenever it ran
@@ -518,7 +508,7 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
         model = None
         log.warning("best trial %d (run %s) has no %s artifact: %s", best.number, trial_run, WEIGHTS, err)
     if model is None:
-        mlflow.set_tag("pairnet.best_model", f"not registered: trial {best.number} logged no weights")
+        mlflow.set_tag(names.TAG_BEST_MODEL, f"not registered: trial {best.number} logged no weights")
         return summary
     splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     info = log_pair_model(model, splits.val.x, registered_name=name)
@@ -526,7 +516,7 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     decision = registry.register_and_gate(name, version, best.value, trial_run, {
         "stage": "tune", "model": req.model_name, "optuna_study": study.study_name, "optuna_trial": best.number,
         "optuna_trial_run": trial_run})
-    mlflow.set_tag("pairnet.best_model", f"models:/{name}/{version}")
+    mlflow.set_tag(names.TAG_BEST_MODEL, f"models:/{name}/{version}")
     summary.update(registered=name, version=version, promoted=decision.promoted)
     return summary
 

@@ -41,7 +41,8 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     p = run.data.params
     assert p["cfg.model_name"] == "resnet_optimized_1.12" and p["cfg.epochs"] == "2" and p["cfg.lr"] == "0.001"
     assert p["cfg.weight_decay"] == "0.0005" and p["run.preset"] == "tiny" and p["model.layers"] == "[3, 3, 3]"
-    assert {f"cfg.{k}" for k in TrainConfig().to_dict()} <= set(p)
+    assert set(TrainConfig().as_params()) <= set(p)
+    assert p["cfg.aug.rotation_deg"] == "10.0" and p["cfg.sched.plateau_factor"] == "0.5"  # nested settings
     # The raw entry-point parameter that mlflow run logs itself, left at "" = not given
     # (MLflow logs it shell-quoted).
     assert p["epochs"] in ("", "''")
@@ -59,6 +60,12 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     assert "siamese CNN" in client.get_registered_model("pairnet-resnet_optimized_1.12").description
     assert mv.run_id == run.info.run_id
     assert float(mv.tags["val_acc"]) == pytest.approx(run.data.metrics["final_val_acc"])
+    # The final metrics are linked to the logged model (MLflow 3) and to the val dataset.
+    (logged,) = client.search_logged_models([run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{run.info.run_id}'")
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["final_val_acc"].value == pytest.approx(run.data.metrics["final_val_acc"])
+    assert linked["final_val_acc"].dataset_name == "val" and "best_epoch" in linked
     # pyfunc: uint8 (N, 28, 56) without labels → probabilities.
     private = load_pairs(tiny_data / "test_private.npz")
     assert private.y is None

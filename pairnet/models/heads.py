@@ -64,5 +64,9 @@ class FusionHeads(nn.Module):
     def weights(self) -> torch.Tensor:
         return torch.softmax(self.mix, dim=0)
 
+    def per_head(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        """(B, len(NAMES)) logits, one column per head, before the softmax mix."""
+        return self.head_logits(self.features(fa, fb))
+
     def forward(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
-        return self.head_logits(self.features(fa, fb)) @ self.weights().to(fa.dtype)
+        return self.per_head(fa, fb) @ self.weights().to(fa.dtype)

@@ -43,6 +43,12 @@ class PairModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(*self.forward_features(x))
 
+    def forward_per_head(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, heads) logits of each fusion head alone (models with fusion heads)."""
+        if not hasattr(self.head, "per_head"):
+            raise ValueError(f"{type(self.head).__name__} has a single head; per-head logits need fusion heads")
+        return self.head.per_head(*self.forward_features(x))
+
     def forward_with_digits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pair logits (N,) and digit logits (2N, 10): left halves first, then right."""
         if self.digit_head is None:

@@ -24,6 +24,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pairnet.train.loop import Callback, FitResult
+from pairnet.tracking.checkpoints import ARTIFACT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,16 @@ MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per request
 BACKOFF_S = (0.5, 1, 2, 5, 10)
 
 
+def final_metrics(result: FitResult) -> dict[str, float]:
+    """The metrics of the weights a fit returns (its best epoch's), as runs log them."""
+    return {**{f"final_{k}": v for k, v in result.final.items()}, "best_epoch": float(result.best_epoch)}
+
+
 class MlflowCallback(Callback):
     def __init__(self, run_id: str, client: MlflowClient | None = None, *, checkpoint_every: int = 1,
-                 artifact_path: str = "checkpoint"):
+                 artifact_path: str = ARTIFACT_DIR, final_metrics: bool = True):
         self.run_id = run_id
+        self.final_metrics = final_metrics  # False: the caller logs them, linked to the logged model
         self.client = client or MlflowClient()
         self.checkpoint_every = checkpoint_every
         self.artifact_path = artifact_path
@@ -91,9 +98,8 @@ class MlflowCallback(Callback):
         self._wake.set()
 
     def on_fit_end(self, result: FitResult) -> None:
-        final = {f"final_{k}": v for k, v in result.final.items()}
-        final["best_epoch"] = float(result.best_epoch)
-        self.log_metrics(final, 0)
+        if self.final_metrics:
+            self.log_metrics(final_metrics(result), 0)
         self.close()
 
     def pending(self) -> int:

@@ -11,14 +11,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pairnet.errors import PairnetError
-from pairnet.train.loop import load_checkpoint
-
-CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
-
 
 @dataclass
 class InitSource:
@@ -26,18 +21,6 @@ class InitSource:
     run_id: str
     state: dict
     spec: dict
-
-
-def download_checkpoint(run_id: str, client: MlflowClient | None = None, *, purpose: str) -> dict:
-    """A run's ``checkpoint/last.pt``, loaded with ``weights_only=True``; ``purpose`` ends the
-    error message ("to resume from", "for init_from")."""
-    client = client or MlflowClient()
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
-        except (MlflowException, OSError):
-            raise PairnetError(f"run '{run_id}' has no '{CHECKPOINT_ARTIFACT}' artifact {purpose}") from None
-        return load_checkpoint(path)
 
 
 def fetch_init_source(uri: str, client: MlflowClient | None = None) -> InitSource:

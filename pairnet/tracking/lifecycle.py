@@ -11,11 +11,14 @@ import contextlib
 import logging
 import signal
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
+from pairnet import names
 from pairnet.proc import TAG_PREFIX, ProcessId
 
 log = logging.getLogger(__name__)
@@ -38,40 +41,92 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def managed_run(run_id: str, on_interrupt: Callable[[], None] | None = None) -> Iterator[str]:
-    """End ``run_id`` FINISHED on success, KILLED on SIGINT/SIGTERM, FAILED on errors.
+def signals_ignored() -> Iterator[None]:
+    """Clean-up after a signal must not be cut short by a second one."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
-    ``on_interrupt`` runs before the run is marked KILLED (it logs the last checkpoint).
+
+@dataclass
+class TrackedRun:
+    """The handle ``tracked_run`` yields: the run id, and what to do before the run ends
+    other than FINISHED (``on_abort``: flush metrics, log the last checkpoint)."""
+
+    run_id: str
+    client: MlflowClient
+    on_abort: list[Callable[[BaseException], None]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def tracked_run(run_name: str, tags: dict, *, parent_run_id: str | None = None, description: str | None = None,
+                experiment_id: str | None = None, client: MlflowClient | None = None,
+                killed_by: tuple[type[BaseException], ...] = (),
+                end_tags: Callable[[BaseException | None], dict] | None = None) -> Iterator[TrackedRun]:
+    """Every pairnet run's one lifecycle: open, describe, and end it FINISHED on success,
+    KILLED on SIGINT/SIGTERM (or an exception in ``killed_by``, e.g. a pruned trial), FAILED
+    on any other error: never left RUNNING.
+
+    Without ``experiment_id`` the run is MLflow's active run (attached to MLFLOW_RUN_ID inside
+    ``mlflow run``); with it the run is created through ``client`` and never becomes active,
+    as a trial in a worker process needs. Every run is tagged with its owning process so that
+    :func:`sweep_orphans` can end it if that process dies. ``end_tags(error)`` gives tags
+    logged just before the run ends; ``on_abort`` callbacks run first when it ends otherwise
+    than FINISHED, with further signals ignored.
     """
-    def end(status: str) -> None:
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == run_id:
-            mlflow.end_run(status=status)
-        else:
-            MlflowClient().set_terminated(run_id, status)
+    client = client or MlflowClient()
+    active = experiment_id is None
+    if active:
+        run_id = start_or_attach(run_name, tags, parent_run_id=parent_run_id)
+    else:
+        tags = {**tags, **ProcessId.current().as_tags(),
+                **({names.TAG_PARENT: parent_run_id} if parent_run_id else {})}
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    handle = TrackedRun(run_id, client)
+
+    def end(status: str, error: BaseException | None) -> None:
+        try:
+            if error is not None:
+                for fn in handle.on_abort:
+                    fn(error)
+            extra = end_tags(error) if end_tags else {}
+            if extra:
+                client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in extra.items()], synchronous=True)
+        finally:
+            current = mlflow.active_run()
+            if current is not None and current.info.run_id == run_id:
+                mlflow.end_run(status=status)
+            else:
+                try:
+                    client.set_terminated(run_id, status)
+                except Exception as err:  # the server may be what failed; the sweeper finds the run later
+                    if active:
+                        raise
+                    log.warning("could not end run %s %s: %s", run_id, status, err)
 
     try:
+        if description:
+            client.set_tag(run_id, names.TAG_NOTE, description)  # the run's description in the UI
         with sigterm_raises():
-            yield run_id
-    except (KeyboardInterrupt, Terminated):
-        # A second signal during clean-up must not leave the run RUNNING.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            if on_interrupt is not None:
-                on_interrupt()
-        finally:
-            end("KILLED")
+            yield handle
+    except (KeyboardInterrupt, Terminated, *killed_by) as err:
+        with signals_ignored():
+            end("KILLED", err)
+        if isinstance(err, (KeyboardInterrupt, Terminated)):
             log.warning("run %s ended KILLED", run_id)
         raise
-    except BaseException:
-        end("FAILED")
+    except BaseException as err:
+        end("FAILED", err)
         raise
     else:
-        end("FINISHED")
+        end("FINISHED", None)
 
 
-def start_or_attach(run_name: str, tags: dict, nested: bool = False, parent_run_id: str | None = None) -> str:
-    """Start a run (or attach to MLFLOW_RUN_ID inside ``mlflow run``); return its id.
+def start_or_attach(run_name: str, tags: dict, parent_run_id: str | None = None) -> str:
+    """Start the active run (or attach to MLFLOW_RUN_ID inside ``mlflow run``); return its id.
 
     Children are attached with an explicit parent id so that nesting holds both inside
     and outside ``mlflow run``. Every run is tagged with the process that owns it (host,
@@ -82,7 +137,7 @@ def start_or_attach(run_name: str, tags: dict, nested: bool = False, parent_run_
         run = mlflow.start_run(run_name=run_name, tags=tags, nested=True, parent_run_id=parent_run_id,
                                log_system_metrics=True)
     else:
-        run = mlflow.start_run(run_name=run_name, tags=tags, nested=nested, log_system_metrics=True)
+        run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
         if run.info.run_name != run_name:
             MlflowClient().set_tag(run.info.run_id, "mlflow.runName", run_name)
         mark_training_experiment(run.info.experiment_id)
@@ -104,9 +159,6 @@ def mark_training_experiment(experiment_id: str, client: MlflowClient | None = N
     client = client or MlflowClient()
     if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
-
-
-SWEPT_TAG = "pairnet.swept"
 
 
 def sweep_orphans(client: MlflowClient | None = None) -> list[tuple[str, str]]:
@@ -132,7 +184,7 @@ def sweep_orphans(client: MlflowClient | None = None) -> list[tuple[str, str]]:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.started))
         reason = (f"process {owner.describe()} (started {started}) "
                   f"is gone; swept by pid {me.pid} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        client.set_tag(run.info.run_id, SWEPT_TAG, reason)
+        client.set_tag(run.info.run_id, names.TAG_SWEPT, reason)
         client.set_terminated(run.info.run_id, "FAILED")
         log.warning("run %s (%s) was left RUNNING by a dead process: marked FAILED", run.info.run_id,
                     run.data.tags.get("mlflow.runName", "?"))

@@ -27,15 +27,14 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from pairnet import names
 from pairnet.data.pairs import IMAGE_SHAPE
 from pairnet.errors import PairnetError
 from pairnet.models.pair import PairModel
 from pairnet.serving import PairPredictor, StackPredictor, save_pair_dir
 from pairnet.serving.predictors import LINEAGE, SPEC, WEIGHTS
 
-FORMAT_TAG = "pairnet.format"
 FORMAT = "safetensors-v1"
-KIND_TAG = "pairnet.kind"  # pair | stack
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "pyfunc.py"
 
 SIGNATURE = ModelSignature(
@@ -65,8 +64,8 @@ def log_pair_model(model: PairModel, example: np.ndarray, registered_name: str |
 def mark_version(name: str | None, info, kind: str) -> None:
     if name is not None and info.registered_model_version is not None:
         client = MlflowClient()
-        client.set_model_version_tag(name, str(info.registered_model_version), FORMAT_TAG, FORMAT)
-        client.set_model_version_tag(name, str(info.registered_model_version), KIND_TAG, kind)
+        client.set_model_version_tag(name, str(info.registered_model_version), names.TAG_FORMAT, FORMAT)
+        client.set_model_version_tag(name, str(info.registered_model_version), names.TAG_KIND, kind)
 
 
 def _download(uri: str, dst: Path) -> Path:
@@ -82,9 +81,9 @@ def check_version(uri: str, client: MlflowClient | None = None):
     from pairnet.tracking.registry import resolve_version
 
     mv = resolve_version(uri, client)
-    fmt = (mv.tags or {}).get(FORMAT_TAG)
+    fmt = (mv.tags or {}).get(names.TAG_FORMAT)
     if fmt != FORMAT:
-        what = f"its {FORMAT_TAG} tag is '{fmt}'" if fmt else f"it has no {FORMAT_TAG} tag"
+        what = f"its {names.TAG_FORMAT} tag is '{fmt}'" if fmt else f"it has no {names.TAG_FORMAT} tag"
         raise PairnetError(f"{mv.name} version {mv.version} ({uri}) was not logged by pairnet ({what}); "
                            "refusing to load it: pairnet loads only its own pickle-free models")
     return mv

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pairnet import names
 from pairnet.errors import PairnetError
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def register_and_gate(name: str, version: str, val_acc: float, run_id: str, tags
     if model_description and not client.get_registered_model(name).description:
         client.update_registered_model(name, description=model_description)
     decision = champion_gate(name, version, val_acc, client=client)
-    mlflow.set_tags({"pairnet.champion_decision": "promoted" if decision.promoted else "kept",
-                     "pairnet.model_version": str(version)})
+    mlflow.set_tags({names.TAG_CHAMPION_DECISION: "promoted" if decision.promoted else "kept",
+                     names.TAG_MODEL_VERSION: str(version)})
     mlflow.log_metric("champion_promoted", float(decision.promoted))
     if decision.champion_val_acc is not None:
         mlflow.log_metric("champion_val_acc_before", decision.champion_val_acc)

@@ -90,15 +90,17 @@ def pick_device(name: str = "auto") -> torch.device:
 # ------------------------------------------------------------------ inference
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *, device: torch.device,
-                   batch_size: int = 1024, amp: torch.dtype | None = None) -> torch.Tensor:
-    """Logits (N,) for uint8 pairs, batched; x may already live on the device."""
+                   batch_size: int = 1024, amp: torch.dtype | None = None, method: str = "forward") -> torch.Tensor:
+    """Logits (N,) for uint8 pairs, batched; x may already live on the device. ``method``
+    names another model output, e.g. ``forward_per_head`` for (N, heads) per-head logits."""
     model.eval()
     xs = torch.as_tensor(x)
+    forward = getattr(model, method)
     out = []
     for start in range(0, xs.shape[0], batch_size):
         xb = xs[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
         with autocast(device, amp):
-            out.append(model(xb).float())
+            out.append(forward(xb).float())
     return torch.cat(out).cpu()
 
 
