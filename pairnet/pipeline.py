@@ -191,7 +191,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
 
         # stack over exactly the versions above
         uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
-        key = step_key("stack", {"models": uris, "n_folds": 5}, code, reads_digest(d, STACK_READS), env)
+        key = stack_key(uris, d, code, env)
         done = find_finished(key, client)
         if done is not None and _version_exists(done, client, registry.STACK_NAME):
             log.info("step stack: reused run %s", done.info.run_id)
@@ -207,8 +207,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
 
         # predict test_private with this stack version
         pred_path = d / "predictions_private.csv"
-        key = step_key("predict", {"model": f"models:/{registry.STACK_NAME}/{stack['version']}"}, code,
-                       reads_digest(d, PREDICT_READS), env)
+        key = predict_key(f"models:/{registry.STACK_NAME}/{stack['version']}", d, code, env)
         done = find_finished(key, client)
         if done is not None and pred_path.exists() and \
                 done.data.tags.get(names.TAG_OUTPUT_DIGEST) == file_digest(pred_path):
@@ -231,10 +230,13 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
     return {"run_id": parent, "table": table, "reused": reused, "ui": ui, "predictions": str(pred_path)}
 
 
-def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest, splits,
-                code: str, env: dict, client: MlflowClient, parent: str, reused: list) -> dict:
-    """One training step: reuse the FINISHED run with the same key, or train it now."""
-    from pairnet.stages import registered_for, train_tracked
+def train_key(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest,
+              splits, code: str, env: dict) -> tuple:
+    """A training step's config, registered name, label and key. The key holds the whole
+    config (init_from's exact version included), where it runs, the files it reads, the code
+    and the library versions: a change to any of them reruns the step and, through the new
+    version it registers, every step started from it."""
+    from pairnet.stages import registered_for
 
     explicit = {"model_name": variant, "seed": seed}
     if init_from:
@@ -245,11 +247,27 @@ def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req:
     cfg = build_config(stage, req.preset, explicit)
     name = registered_for(stage, variant, seed if stage == "stage3" else None)
     label = f"{stage}/{variant}/seed{seed}" + ("" if init_from or stage == "pretrain" else "/scratch")
-    # The key holds the whole config (init_from's exact version included) and where it runs.
     dev = pick_device(req.device)
     where = {"device": str(dev), "amp_dtype": str(amp_dtype(cfg.amp, dev))}
     key = step_key(label, {**cfg.to_dict(), "registered": name, **where}, code,
                    reads_digest(splits.data_dir, TRAIN_READS), env)
+    return cfg, name, label, key
+
+
+def stack_key(uris: str, d: Path, code: str, env: dict) -> str:
+    return step_key("stack", {"models": uris, "n_folds": 5}, code, reads_digest(d, STACK_READS), env)
+
+
+def predict_key(model_uri: str, d: Path, code: str, env: dict) -> str:
+    return step_key("predict", {"model": model_uri}, code, reads_digest(d, PREDICT_READS), env)
+
+
+def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest, splits,
+                code: str, env: dict, client: MlflowClient, parent: str, reused: list) -> dict:
+    """One training step: reuse the FINISHED run with the same key, or train it now."""
+    from pairnet.stages import train_tracked
+
+    cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env)
     done = find_finished(key, client)
     if done is not None and _version_exists(done, client):
         log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)

@@ -1,0 +1,103 @@
+"""Pipeline step keys: change one parameter, the data or the code, and exactly the steps
+that depend on it get a new key (and so rerun); every other step keeps its key (reused).
+
+A step whose key changes registers a new version when it reruns, and the steps started
+from that version (fine-tuned models, the stack, the predictions) name it in their own
+keys; ``plan`` follows that chain the way a rerun would.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pairnet.data.generate import GenConfig, make_dataset
+from pairnet.data.pairs import write_npz
+from pairnet.data.splits import load_splits
+from pairnet.pipeline import PLANS, PRETRAIN, PipelineRequest, predict_key, stack_key, train_key
+from pairnet.presets import PRESETS
+
+ENV = {"torch": "2.13.0", "mlflow": "3.17.2", "lightgbm": "4.6.0", "scikit-learn": "1.7.0"}
+
+
+def plan(d, *, code: str = "code-1", env: dict = ENV, base: dict | None = None) -> dict[str, str]:
+    """Every step's key for the tiny pipeline on data folder ``d``. A step whose key differs
+    from ``base`` is taken to have registered version 2 on its rerun, version 1 otherwise."""
+    req = PipelineRequest(preset="tiny", data_dir=str(d), device="cpu")
+    splits = load_splits(d, "tiny")
+    keys: dict[str, str] = {}
+
+    def version(label: str, name: str) -> str:
+        return f"models:/{name}/{1 if base is None or base[label] == keys[label] else 2}"
+
+    pretrained = {}
+    for variant in PRETRAIN["tiny"]:
+        _, name, label, keys[label] = train_key("pretrain", variant, 42, None, req, splits, code, env)
+        pretrained[variant] = version(label, name)
+    bases = []
+    for stage, variant, seed, init in PLANS["tiny"]:
+        _, name, label, keys[label] = train_key(stage, variant, seed, pretrained[init] if init else None, req,
+                                                splits, code, env)
+        bases.append(version(label, name))
+    keys["stack"] = stack_key(",".join(bases[:-1]), d, code, env)  # the last is the from-scratch twin
+    keys["predict"] = predict_key(version("stack", "pairnet-stack"), d, code, env)
+    return keys
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {step for step in before if before[step] != after[step]}
+
+
+PRETRAIN_STEP = "pretrain/resnet_optimized/seed42"
+FINETUNED = {"stage2/resnet_optimized/seed42", "stage3/resnet_fusion/seed42"}
+SCRATCH = "stage2/resnet_optimized/seed42/scratch"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_data):
+    keys = plan(tiny_data)
+    assert keys == plan(tiny_data)  # nothing changed: every step is reused
+    assert keys.keys() == {PRETRAIN_STEP, *FINETUNED, SCRATCH, "stack", "predict"}
+    return keys
+
+
+def test_a_finetuning_parameter_reruns_the_finetuned_steps_and_what_follows(base, tiny_data, monkeypatch):
+    monkeypatch.setitem(PRESETS["tiny"], "finetune", {"epochs": 3})
+    assert changed(base, plan(tiny_data, base=base)) == FINETUNED | {"stack", "predict"}
+
+
+def test_a_pretraining_parameter_reruns_pretrain_and_everything_started_from_it(base, tiny_data, monkeypatch):
+    monkeypatch.setitem(PRESETS["tiny"], "pretrain", {"lr": 0.01})
+    # The from-scratch twin neither reads the pretrained tower nor feeds the stack.
+    assert changed(base, plan(tiny_data, base=base)) == {PRETRAIN_STEP} | FINETUNED | {"stack", "predict"}
+
+
+def test_a_scratch_only_parameter_reruns_the_scratch_twin_alone(base, tiny_data, monkeypatch):
+    monkeypatch.setitem(PRESETS["tiny"], "train", {**PRESETS["tiny"]["train"], "patience": 1})
+    monkeypatch.setitem(PRESETS["tiny"], "pretrain", {"patience": 0})
+    monkeypatch.setitem(PRESETS["tiny"], "finetune", {"patience": 0})
+    assert changed(base, plan(tiny_data, base=base)) == {SCRATCH}
+
+
+def test_the_private_test_file_reruns_only_stack_and_predict(base, tiny_data, tmp_path):
+    d = tmp_path / "data"
+    shutil.copytree(tiny_data, d)
+    with np.load(d / "test_private.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["x"][0, 0, 0] ^= 1  # one pixel
+    write_npz(d / "test_private.npz", arrays)
+    assert changed(base, plan(d, base=base)) == {"stack", "predict"}
+
+
+def test_another_data_seed_reruns_every_step(base, tmp_path):
+    d = tmp_path / "seed4"
+    make_dataset(d, GenConfig(size="tiny", seed=4))  # the fixture's data uses seed 3
+    assert changed(base, plan(d, base=base)) == set(base)
+
+
+def test_new_code_or_library_versions_rerun_every_step(base, tiny_data):
+    assert changed(base, plan(tiny_data, code="code-2", base=base)) == set(base)
+    assert changed(base, plan(tiny_data, env={**ENV, "torch": "2.14.0"}, base=base)) == set(base)
