@@ -232,6 +232,10 @@ def config_values(args, config_cls: type[Config] = TrainConfig, prefix: str = ""
             if getattr(args, name, None) is not None}
 
 
+JOBS_HELP = ("independent trainings at once, each in its own worker process and child run: round-robin over "
+             "the visible GPUs, or the CPU cores split between workers (default 1)")
+
+
 def _add_train_args(p, stage: str) -> None:
     p.add_argument("--preset", default="full", help="tiny (tests), quick (CPU demo) or full (the recipe); "
                                                      "sets the values not given here")
@@ -241,6 +245,7 @@ def _add_train_args(p, stage: str) -> None:
                     skip=("model_name", "seed") if stage == "stage3" else ())
     if stage == "stage3":
         p.add_argument("--members", default="", help="variant:seed,... (default: all eight members)")
+        p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     else:
         p.add_argument("--resume", default="", help="true (newest killed run of this model) or a run id")
 
@@ -249,7 +254,8 @@ def _request(args):
     from pairnet.stages import StageRequest
 
     return StageRequest(preset=args.preset, data_dir=args.data_dir, explicit=config_values(args), device=args.device,
-                        resume=getattr(args, "resume", ""), members=getattr(args, "members", ""))
+                        resume=getattr(args, "resume", ""), members=getattr(args, "members", ""),
+                        jobs=getattr(args, "jobs", 1))
 
 
 def _print_summary(rows: list[dict]) -> None:
@@ -329,7 +335,7 @@ def _cmd_tune(args) -> int:
 
     req = TuneRequest(model_name=args.model_name, preset=args.preset, n_trials=args.n_trials, timeout=args.timeout,
                       study_name=args.study_name, storage=args.storage, epochs=args.epochs,
-                      sampler_seed=args.sampler_seed, n_workers=args.n_workers, lr_low=args.lr_low,
+                      sampler_seed=args.sampler_seed, n_workers=args.jobs or args.n_workers, lr_low=args.lr_low,
                       lr_high=args.lr_high, wd_low=args.wd_low, wd_high=args.wd_high, data_dir=args.data_dir,
                       device=args.device, seed=args.seed, init_from=args.init_from,
                       freeze_epochs=args.freeze_epochs, tower_lr_mult=args.tower_lr_mult,
@@ -357,6 +363,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--sampler-seed", type=whole, default=42)
     p.add_argument("--n-workers", type=whole, default=1,
                    help="worker processes (at most the CPU cores here); a worker that dies is replaced")
+    p.add_argument("--jobs", type=whole, default=0, help="the same as --n-workers (0: use --n-workers)")
     p.add_argument("--lr-low", type=finite, default=1e-4)
     p.add_argument("--lr-high", type=finite, default=1e-2)
     p.add_argument("--wd-low", type=finite, default=1e-5)
@@ -465,7 +472,7 @@ def _add_runs(sub) -> None:
 def _cmd_pipeline(args) -> int:
     from pairnet.pipeline import PipelineRequest, run_pipeline
 
-    out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device))
+    out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device, jobs=args.jobs))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"\n{'model':44s} {'ver':>4s} {'stage':8s} {'val acc':>8s} {'test_public acc':>16s}")
     for r in out["table"]:
@@ -488,6 +495,7 @@ def _add_pipeline(sub) -> None:
     p.add_argument("--preset", default="quick", help="tiny | quick (CPU, ~10 min) | full (GPU)")
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)
 
 

@@ -78,6 +78,7 @@ class PipelineRequest:
     data_dir: str | None = None
     device: str = "auto"
     seed: int = 42  # dataset seed
+    jobs: int = 1  # base models trained at once, each in its own worker process
 
 
 def code_version() -> str:
@@ -146,7 +147,10 @@ def _summary_from_run(run) -> dict:
 
 
 def run_pipeline(req: PipelineRequest) -> dict:
+    from pairnet.parallel import check_jobs
+
     preset = check_preset(req.preset)
+    check_jobs(req.jobs)
     d = check_data_dir(req.data_dir)
     pick_device(req.device)  # an unusable device fails before anything starts
     with folder_lock(d, f"run the {req.preset} pipeline"):
@@ -183,9 +187,9 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
             rows.append(row)
             champion = registry.champion_version(row["name"], client)
             pretrained[variant] = f"models:/{champion.name}/{champion.version}"
-        trained = [_train_step(stage, variant, seed, pretrained[init] if init else None, req, splits, code, env,
-                               client, parent, reused)
-                   for stage, variant, seed, init in PLANS[req.preset]]
+        trained = _train_steps([(stage, variant, seed, pretrained[init] if init else None)
+                                for stage, variant, seed, init in PLANS[req.preset]],
+                               req, splits, code, env, client, parent, reused)
         rows += trained
         base = trained[:-1]  # the from-scratch twin is a reference row, not a base model
 
@@ -265,18 +269,35 @@ def predict_key(model_uri: str, d: Path, code: str, env: dict) -> str:
 def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest, splits,
                 code: str, env: dict, client: MlflowClient, parent: str, reused: list) -> dict:
     """One training step: reuse the FINISHED run with the same key, or train it now."""
-    from pairnet.stages import train_tracked
+    return _train_steps([(stage, variant, seed, init_from)], req, splits, code, env, client, parent, reused)[0]
 
-    cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env)
-    done = find_finished(key, client)
-    if done is not None and _version_exists(done, client):
-        log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
-        reused.append(label)
-        return _summary_from_run(done)
-    res = train_tracked(cfg, stage=stage, splits=splits, registered=name, run_name=label, device=req.device,
-                        preset=req.preset, parent_run_id=parent)
-    client.set_tag(res["run_id"], names.TAG_STEP_KEY, key)
-    return {**res, "reused": False}
+
+def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, env: dict, client: MlflowClient,
+                 parent: str, reused: list) -> list[dict]:
+    """Independent training steps (stage, variant, seed, init_from): each reuses the FINISHED
+    run with its key, the others train, ``req.jobs`` at a time in worker processes."""
+    from pairnet.parallel import Member, member_device, report_failures, train_members
+
+    rows: list[dict | None] = []
+    todo: list[tuple[int, Member, str]] = []
+    for stage, variant, seed, init_from in steps:
+        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env)
+        done = find_finished(key, client)
+        if done is not None and _version_exists(done, client):
+            log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
+            reused.append(label)
+            rows.append(_summary_from_run(done))
+            continue
+        todo.append((len(rows), Member(cfg, stage, name, label, req.preset, member_device(req.device, len(todo))), key))
+        rows.append(None)
+    results = train_members([m for _, m, _ in todo], req.jobs, parent_run_id=parent, data_dir=str(splits.data_dir),
+                            preset=req.preset, splits=splits)
+    for (index, _, key), res in zip(todo, results, strict=True):
+        if "error" not in res:
+            client.set_tag(res["run_id"], names.TAG_STEP_KEY, key)
+        rows[index] = {**res, "reused": False}
+    report_failures(results, "training steps")
+    return rows
 
 
 def _version_exists(run, client: MlflowClient, name: str | None = None) -> bool:

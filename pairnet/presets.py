@@ -6,8 +6,12 @@ the preset → the values the user gave explicitly.
 
 from __future__ import annotations
 
+import logging
+
 from pairnet.errors import PairnetError
 from pairnet.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # Fine-tuning a pretrained model: one epoch with the tower frozen so that fresh heads
 # (e.g. resnet_fusion's six fusion heads on a resnet_optimized tower) learn first, then the
@@ -102,3 +106,13 @@ def build_config(stage: str, preset: str, explicit: dict, *,
     if isinstance(values.get("layers"), (list, tuple)):
         values["layers"] = ",".join(str(v) for v in values["layers"])
     return recipe_config(stage, config_cls).updated(values).validate()
+
+
+def warn_if_slow(preset: str, device: str, epochs: int) -> None:
+    """The full preset is the GPU recipe: on a CPU say so before hours of training start."""
+    from pairnet.train.loop import pick_device
+
+    if preset == "full" and pick_device(device).type == "cpu":
+        log.warning("preset full is the GPU recipe: up to %d epochs on the full set, about 30 s each on a 2-core CPU "
+                    "(hours in all; every epoch's log line gives an ETA). For a quick look use -P preset=quick "
+                    "(or --preset quick).", epochs)

@@ -14,7 +14,8 @@ from pairnet import names
 from pairnet.data.splits import Splits, check_data_dir, load_splits
 from pairnet.models import create_model, model_from_spec
 from pairnet.models.transfer import copy_matching
-from pairnet.presets import build_config, parse_members
+from pairnet.parallel import Member, check_jobs, member_device, report_failures, train_members
+from pairnet.presets import build_config, parse_members, warn_if_slow
 from pairnet.progress import EpochBar
 from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
@@ -38,6 +39,7 @@ class StageRequest:
     device: str = "auto"
     resume: str = ""  # "", "true" (latest killed run of this model) or a run id
     members: str = ""  # stage 3 only: "variant:seed,..." subset of presets.STAGE3_MEMBERS
+    jobs: int = 1  # stage 3 only: members trained at once, each in its own worker process
 
 
 def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: str, run_name: str,
@@ -113,17 +115,9 @@ def run_single(stage: str, req: StageRequest) -> dict:
                          resume_run_id=resume_target(req.resume, stage, cfg.model_name, cfg.seed))
 
 
-def warn_if_slow(preset: str, device: str, epochs: int) -> None:
-    """The full preset is the GPU recipe: on a CPU say so before hours of training start."""
-    if preset == "full" and pick_device(device).type == "cpu":
-        log.warning("preset full is the GPU recipe: up to %d epochs on the full set, about 30 s each on a 2-core CPU "
-                    "(hours in all; every epoch's log line gives an ETA). For a quick look use -P preset=quick "
-                    "(or --preset quick).", epochs)
-
-
 def run_stage3(req: StageRequest) -> list[dict]:
     """One parent run; a nested child per (variant, seed) member, each registered."""
-    members = parse_members(req.members)
+    members, _ = parse_members(req.members), check_jobs(req.jobs)
     configs = [build_config("stage3", req.preset, {**req.explicit, "model_name": v, "seed": s}) for v, s in members]
     check_data_dir(req.data_dir)
     warn_if_slow(req.preset, req.device, sum(c.epochs for c in configs))
@@ -138,13 +132,14 @@ def run_stage3(req: StageRequest) -> list[dict]:
     tags = {names.TAG_STAGE: "stage3", names.TAG_PRESET: req.preset, names.TAG_DATA_DIGEST: splits.digest()}
     with tracked_run("stage3/diversity", tags, description=f"stage3: {len(members)} members") as parent:
         mlflow.log_params({"run.preset": req.preset, "run.members": ",".join(f"{v}:{s}" for v, s in members),
-                           "data.dir": str(splits.data_dir), "data.digest": splits.digest()})
-        results = [train_tracked(cfg, stage="stage3", splits=splits,
-                                 registered=registry.registered_name(cfg.model_name, cfg.seed),
-                                 run_name=f"stage3/{cfg.model_name}/seed{cfg.seed}", device=req.device,
-                                 preset=req.preset, parent_run_id=parent.run_id, init_source=source)
-                   for cfg in configs]
-        accs = np.array([r["val_acc"] for r in results])
-        mlflow.log_metrics({"members": float(len(results)), "best_member_val_acc": float(accs.max()),
-                            "mean_member_val_acc": float(accs.mean())})
-    return results
+                           "run.jobs": req.jobs, "data.dir": str(splits.data_dir), "data.digest": splits.digest()})
+        results = train_members([Member(cfg, "stage3", registry.registered_name(cfg.model_name, cfg.seed),
+                                        f"stage3/{cfg.model_name}/seed{cfg.seed}", req.preset,
+                                        member_device(req.device, i), source) for i, cfg in enumerate(configs)],
+                                req.jobs, parent_run_id=parent.run_id, data_dir=str(splits.data_dir),
+                                preset=req.preset, splits=splits)
+        accs = np.array([r["val_acc"] for r in results if "error" not in r])
+        if len(accs):
+            mlflow.log_metrics({"members": float(len(accs)), "best_member_val_acc": float(accs.max()),
+                                "mean_member_val_acc": float(accs.mean())})
+        return report_failures(results, "stage 3 members")

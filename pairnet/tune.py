@@ -50,6 +50,7 @@ from pairnet.errors import PairnetError
 from pairnet.models import create_model
 from pairnet.serving import load_pair_dir, save_pair_dir
 from pairnet.paths import data_dir as default_data_dir
+from pairnet.parallel import member_device, usable_cpus
 from pairnet.presets import build_config
 from pairnet.proc import ProcessId
 from pairnet.redact import mask_url
@@ -70,13 +71,6 @@ PROCESS_ATTR = "pairnet.process"  # trial user attr: ProcessId.as_tags() of the 
 SWEPT_REASON = names.TAG_SWEPT  # the same tag the orphan sweep sets
 STOP_WAIT_S = 20.0  # how long stopped workers get to end their trials KILLED before SIGKILL
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -320,7 +314,7 @@ class _Slots:
 def _worker(req_dict: dict, parent_run_id: str, experiment_id: str, slots: _Slots, worker: int,
             deadline: float | None) -> None:
     """One spawned worker: its own storage connection; one trial per slot until none is left."""
-    req = TuneRequest(**req_dict)
+    req = TuneRequest(**{**req_dict, "device": member_device(req_dict["device"], worker)})  # GPUs round-robin
     torch.set_num_threads(max(1, usable_cpus() // req.n_workers))
     try:
         with sigterm_raises():

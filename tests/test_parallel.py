@@ -1,0 +1,78 @@
+"""``jobs``: independent members in worker processes, each its own child run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pairnet.cli import main
+from pairnet.parallel import member_device
+
+pytestmark = pytest.mark.integration
+MEMBERS = "compare_cnn:1,improved_v2:2"
+
+
+def _stage3(tiny_data, experiment: str, *extra: str) -> int:
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+    try:
+        return main(["stage3", "--preset", "tiny", "--data-dir", str(tiny_data), "--members", MEMBERS, *extra])
+    finally:
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME")
+
+
+def _family(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {(r.data.tags["pairnet.model"], int(r.data.tags["pairnet.seed"])): r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return parent, children
+
+
+def test_jobs_2_trains_the_same_members_as_one_process(mlflow_server, tiny_data):
+    assert _stage3(tiny_data, "it-jobs1", "--jobs", "1") == 0
+    assert _stage3(tiny_data, "it-jobs2", "--jobs", "2") == 0
+    client = MlflowClient()
+    one, serial = _family(client, "it-jobs1")
+    two, parallel = _family(client, "it-jobs2")
+    assert one.info.status == two.info.status == "FINISHED" and two.data.params["run.jobs"] == "2"
+    assert serial.keys() == parallel.keys() == {("compare_cnn", 1), ("improved_v2", 2)}
+    pids = {r.data.tags["pairnet.process.pid"] for r in parallel.values()}
+    assert str(os.getpid()) not in pids  # trained in worker processes
+    for member, run in parallel.items():
+        assert run.info.status == "FINISHED"
+        # Same seed, same initial weights, same training: the same model up to float reduction order
+        # (1 thread per worker against 2 in one process).
+        assert run.data.params["run.init_weights_digest"] == serial[member].data.params["run.init_weights_digest"]
+        assert run.data.metrics["final_val_acc"] == pytest.approx(serial[member].data.metrics["final_val_acc"],
+                                                                  abs=0.02)
+        name = run.data.tags["pairnet.registered_name"]
+        assert client.get_model_version(name, run.data.tags["pairnet.model_version"]).run_id == run.info.run_id
+
+
+def test_a_failed_member_fails_alone(mlflow_server, tiny_data, monkeypatch, capsys):
+    import pairnet.stages as stages
+
+    real_fit = stages.fit
+
+    def fit(model, train, val, cfg, **kw):
+        if cfg.seed == 2:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real_fit(model, train, val, cfg, **kw)
+
+    monkeypatch.setattr(stages, "fit", fit)
+    assert _stage3(tiny_data, "it-jobs-fail", "--jobs", "1") == 2
+    assert "1 of 2 stage 3 members failed (stage3/improved_v2/seed2)" in capsys.readouterr().err
+    parent, children = _family(MlflowClient(), "it-jobs-fail")
+    assert parent.info.status == "FAILED" and "injected" in parent.data.tags["pairnet.failed_members"]
+    assert children[("improved_v2", 2)].info.status == "FAILED"
+    ok = children[("compare_cnn", 1)]
+    assert ok.info.status == "FINISHED" and ok.data.tags["pairnet.model_version"]
+
+
+def test_member_devices_and_bad_jobs(tiny_data, capsys):
+    assert member_device("cpu", 3) == "cpu"
+    assert _stage3(tiny_data, "it-jobs-bad", "--jobs", "0") == 2
+    assert "jobs must be a whole number >= 1 (got 0)" in capsys.readouterr().err
