@@ -138,3 +138,33 @@ def test_eta_reads_like_a_person_would_say_it():
     from pairnet.train.loop import eta
 
     assert [eta(s) for s in (0, 30, 600, 7200)] == ["done", "ETA 30 s", "ETA 10 min", "ETA 2.0 h"]
+
+
+def test_cuda_speedups_turn_on_autotuning_and_tf32():
+    from pairnet.train import loop
+
+    # Process-wide flags: restored afterwards. torch >= 2.9 names TF32 fp32_precision.
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    if hasattr(cuda.matmul, "fp32_precision"):
+        flags = [(cuda.matmul, "fp32_precision", "tf32"), (cudnn.conv, "fp32_precision", "tf32")]
+    else:
+        flags = [(cuda.matmul, "allow_tf32", True), (cudnn, "allow_tf32", True)]
+    flags.append((cudnn, "benchmark", True))
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+    try:
+        loop.enable_cuda_speedups()
+        assert [getattr(obj, name) for obj, name, _ in flags] == [want for _, _, want in flags]
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def test_resume_from_another_device_keeps_the_generator_and_says_so(caplog):
+    from pairnet.train import loop
+
+    gen = torch.Generator().manual_seed(1)
+    before = gen.get_state()
+    state = {"torch": torch.get_rng_state(), "gen": torch.zeros(16, dtype=torch.uint8), "gen_device": "cuda"}
+    with caplog.at_level("WARNING", logger="pairnet.train.loop"):
+        loop._set_rng_state(state, gen)
+    assert torch.equal(gen.get_state(), before) and "ran on cuda" in caplog.text

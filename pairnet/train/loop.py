@@ -79,6 +79,33 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def enable_cuda_speedups() -> None:
+    """cuDNN autotuning (batch shapes are fixed, so each convolution picks its fastest
+    algorithm once) and TF32 for the fp32 matmuls and convolutions left outside autocast.
+    Process-wide flags: set when training starts on CUDA, never at import."""
+    torch.backends.cudnn.benchmark = True
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9 deprecates allow_tf32
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it counts that work (CUDA
+    kernels run asynchronously: without it a timer measures only the launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; on CUDA through pinned memory without blocking the host."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +123,7 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *, devi
     xs = torch.as_tensor(x)
     out = []
     for start in range(0, xs.shape[0], batch_size):
-        xb = xs[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        xb = to_device(xs[start:start + batch_size], device).float().div_(255)
         with autocast(device, amp):
             out.append(model(xb).float())
     return torch.cat(out).cpu()
@@ -110,7 +137,7 @@ def predict_with_digits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *,
     xs = torch.as_tensor(x)
     pair, digit = [], []
     for start in range(0, xs.shape[0], batch_size):
-        xb = xs[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        xb = to_device(xs[start:start + batch_size], device).float().div_(255)
         with autocast(device, amp):
             logits, dlog = model.forward_with_digits(xb)
         pair.append(logits.float())
@@ -175,7 +202,9 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    # gen draws the data order and augmentation on the training device; its state is
+    # a small CPU tensor whatever the device.
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state(), "gen_device": gen.device.type}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -183,7 +212,15 @@ def _rng_state(gen: torch.Generator) -> dict:
 
 def _set_rng_state(state: dict, gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
+    saved_on = state.get("gen_device", "cpu")  # checkpoints before device generators drew on the CPU
+    if saved_on == gen.device.type:
+        gen.set_state(state["gen"])
+    else:
+        # A CPU and a CUDA generator keep different states: the resumed run stays valid but
+        # draws a different order and augmentation from here on.
+        log.warning("the checkpoint's data-order generator ran on %s and this run draws on %s: the resumed epochs "
+                    "draw from a generator seeded with the run's seed, not the interrupted run's sequence",
+                    saved_on, gen.device.type)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -227,8 +264,11 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best-validation weights."""
     cfg.validate()
+    if device.type == "cuda":
+        enable_cuda_speedups()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # Data order and augmentation draw on the device: a step copies nothing from the host.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     dtype = amp_dtype(cfg.amp, device)
     loss_fn = make_loss(cfg)
     digits_train = digit_targets(cfg, train)
@@ -238,12 +278,12 @@ def fit(
                            "(create_model(..., digit_head=True))")
     digits_val = digit_labels(val) if aux else None
 
-    # Each split lives on the device as one uint8 tensor; batches are taken by index.
-    xs = torch.from_numpy(np.ascontiguousarray(train.x)).to(device)
-    ys = torch.from_numpy(train.require_labels().astype(np.float32)).to(device)
-    xv = torch.from_numpy(np.ascontiguousarray(val.x)).to(device)
+    # Each split lives on the device as one uint8 tensor, uploaded once; batches are taken by index.
+    xs = to_device(torch.from_numpy(np.ascontiguousarray(train.x)), device)
+    ys = to_device(torch.from_numpy(train.require_labels().astype(np.float32)), device)
+    xv = to_device(torch.from_numpy(np.ascontiguousarray(val.x)), device)
     yv = val.require_labels()
-    ds = torch.from_numpy(digits_train).to(device) if aux else None
+    ds = to_device(torch.from_numpy(digits_train), device) if aux else None
     n = xs.shape[0]
     steps = n // cfg.batch_size if n >= cfg.batch_size else 1
     if cfg.max_steps_per_epoch:
@@ -293,8 +333,9 @@ def fit(
             # A frozen tower is a fixed feature extractor: no gradients, BatchNorm statistics kept.
             model.tower.requires_grad_(not frozen)
             model.tower.train(not frozen)
+        sync(device)
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         digit_correct = torch.zeros((), device=device)
@@ -331,6 +372,7 @@ def fit(
             loss_sum += loss.detach() * idx.numel()
             correct += ((logits.detach() > 0).float() == (yb > 0.5).float()).sum()
             seen += idx.numel()
+        sync(device)
         train_seconds = time.perf_counter() - t0
 
         metrics = {
@@ -348,6 +390,7 @@ def fit(
         else:
             metrics.update(evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size,
                                     amp=dtype))
+        sync(device)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["pairs_per_s"] = seen / train_seconds
         if sched_kind == "epoch":
