@@ -55,7 +55,12 @@ def test_resume_reaches_same_final_metrics(splits, tmp_path):
     try:
         dev = pick_device("cpu")
         cfg = _cfg(epochs=4, augment=True, scheduler="cosine")
-        full = fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev)
+
+        def model():  # the same initial weights for both runs, whatever ran before this test
+            torch.manual_seed(0)
+            return create_model("compare_cnn", **cfg.model_overrides())
+
+        full = fit(model(), *splits, cfg, device=dev)
 
         class StopAfter2(Callback):
             def on_checkpoint(self, path, epoch):
@@ -64,12 +69,10 @@ def test_resume_reaches_same_final_metrics(splits, tmp_path):
 
         ckpt = tmp_path / "k.pt"
         with pytest.raises(KeyboardInterrupt):
-            fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev,
-                callbacks=[StopAfter2()], checkpoint_path=ckpt)
+            fit(model(), *splits, cfg, device=dev, callbacks=[StopAfter2()], checkpoint_path=ckpt)
         state = load_checkpoint(ckpt)
         assert state["epoch"] == 2
-        resumed = fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev,
-                      checkpoint_path=ckpt, resume=state)
+        resumed = fit(model(), *splits, cfg, device=dev, checkpoint_path=ckpt, resume=state)
     finally:
         torch.set_num_threads(2)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
