@@ -143,6 +143,33 @@ def test_eta_reads_like_a_person_would_say_it():
     assert [eta(s) for s in (0, 30, 600, 7200)] == ["done", "ETA 30 s", "ETA 10 min", "ETA 2.0 h"]
 
 
+@pytest.mark.parametrize("flags, expected", [("fpu sse2 avx512f avx512_bf16", torch.bfloat16),  # Cooper Lake, Zen 4
+                                             ("fpu avx512f amx_bf16 amx_tile", torch.bfloat16),  # Sapphire Rapids
+                                             ("fpu sse2 avx2 avx512f", None), ("", None)])
+def test_amp_auto_on_cpu_picks_bf16_where_the_chip_computes_it(monkeypatch, flags, expected):
+    from pairnet.train import loop
+
+    cpuinfo = f"processor\t: 0\nmodel name\t: test chip\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    parse = loop.cpu_flags
+    monkeypatch.setattr(loop, "cpu_flags", lambda: parse(cpuinfo))
+    assert loop.amp_dtype("auto", torch.device("cpu")) is expected
+    assert loop.amp_dtype("off", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_on_cuda_takes_fp16_where_bf16_is_only_emulated(monkeypatch, native, expected):
+    from pairnet.train import loop
+
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation  # a pre-Ampere GPU: bf16 only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert loop.amp_dtype("auto", torch.device("cuda")) is expected and asked == [False]
+
+
 def test_cuda_speedups_turn_on_autotuning_and_tf32():
     from pairnet.train import loop
 

@@ -49,9 +49,9 @@ class FitResult:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a config value on a device (None = full fp32).
 
-    ``auto``: bf16 on CUDA when supported (else fp16 with a GradScaler); on the CPU,
-    bf16 only where the chip has native bf16 matrix units (AMX/avx512_bf16), where
-    bench/train_bench.py measured it faster; otherwise fp32.
+    ``auto``: bf16 on GPUs that compute it natively (Ampere and later), else fp16 with a
+    GradScaler (older GPUs only emulate bf16, without tensor cores); on the CPU, bf16 where the chip
+    computes it natively (AVX512_BF16 or AMX), where bench/train_bench.py measured it faster; else fp32.
     """
     if amp == "off":
         return None
@@ -62,15 +62,29 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             raise PairnetError("amp 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_fast_bf16() else None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if NATIVE_BF16_FLAGS & cpu_flags() else None
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+# /proc/cpuinfo flags of x86 chips whose bf16 dot products run in hardware, which oneDNN
+# uses for bf16 convolutions and matmuls: AVX512_BF16 (Cooper Lake, Zen 4 and later) and
+# AMX (Sapphire Rapids and later).
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo text (read when not given; empty where
+    there is none, as on macOS)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
