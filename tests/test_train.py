@@ -198,3 +198,38 @@ def test_resume_from_another_device_keeps_the_generator_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="pairnet.train.loop"):
         loop._set_rng_state(state, gen)
     assert torch.equal(gen.get_state(), before) and "ran on cuda" in caplog.text
+
+
+def test_compiled_model_checkpoints_plain_keys_and_resumes(splits, tmp_path):
+    cfg = _cfg(epochs=2, compile=True)
+    dev = pick_device("cpu")
+
+    class StopAfter1(Callback):
+        def on_checkpoint(self, path, epoch):
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=dev, callbacks=[StopAfter1()],
+            checkpoint_path=ckpt)
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1 and state["config"]["compile"] is True
+    resumed = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=dev,
+                  checkpoint_path=ckpt, resume=state)
+    assert [h["epoch"] for h in resumed.history] == [1, 2] and np.isfinite(resumed.history[-1]["train_loss"])
+    saved = load_checkpoint(ckpt)
+    plain = create_model(cfg.model_name, **cfg.model_overrides())
+    assert not [k for k in [*saved["model"], *saved["best_state"]] if "_orig_mod" in k]
+    assert set(saved["model"]) == set(plain.state_dict())
+    plain.load_state_dict(saved["model"])  # strict: a plain model takes the compiled run's weights
+
+
+def test_compile_without_a_cxx_compiler_falls_back_to_aot_eager(splits, monkeypatch, caplog):
+    from pairnet.train import loop
+
+    monkeypatch.setenv("CXX", "no-such-compiler-here")  # a slim image: inductor could not build its kernels
+    with caplog.at_level("WARNING", logger="pairnet.train.loop"):
+        assert loop.compile_backend() == "aot_eager"
+        cfg = _cfg(epochs=1, compile=True)
+        result = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=pick_device("cpu"))
+    assert np.isfinite(result.history[0]["train_loss"]) and "no-such-compiler-here: missing" in caplog.text
