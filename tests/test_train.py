@@ -55,7 +55,12 @@ def test_resume_reaches_same_final_metrics(splits, tmp_path):
     try:
         dev = pick_device("cpu")
         cfg = _cfg(epochs=4, augment=True, scheduler="cosine")
-        full = fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev)
+
+        def model():  # the same initial weights for both runs, whatever ran before this test
+            torch.manual_seed(0)
+            return create_model("compare_cnn", **cfg.model_overrides())
+
+        full = fit(model(), *splits, cfg, device=dev)
 
         class StopAfter2(Callback):
             def on_checkpoint(self, path, epoch):
@@ -64,12 +69,10 @@ def test_resume_reaches_same_final_metrics(splits, tmp_path):
 
         ckpt = tmp_path / "k.pt"
         with pytest.raises(KeyboardInterrupt):
-            fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev,
-                callbacks=[StopAfter2()], checkpoint_path=ckpt)
+            fit(model(), *splits, cfg, device=dev, callbacks=[StopAfter2()], checkpoint_path=ckpt)
         state = load_checkpoint(ckpt)
         assert state["epoch"] == 2
-        resumed = fit(create_model("compare_cnn", **cfg.model_overrides()), *splits, cfg, device=dev,
-                      checkpoint_path=ckpt, resume=state)
+        resumed = fit(model(), *splits, cfg, device=dev, checkpoint_path=ckpt, resume=state)
     finally:
         torch.set_num_threads(2)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
@@ -138,3 +141,95 @@ def test_eta_reads_like_a_person_would_say_it():
     from pairnet.train.loop import eta
 
     assert [eta(s) for s in (0, 30, 600, 7200)] == ["done", "ETA 30 s", "ETA 10 min", "ETA 2.0 h"]
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse2 avx512f avx512_bf16", torch.bfloat16),  # Cooper Lake, Zen 4
+                                             ("fpu avx512f amx_bf16 amx_tile", torch.bfloat16),  # Sapphire Rapids
+                                             ("fpu sse2 avx2 avx512f", None), ("", None)])
+def test_amp_auto_on_cpu_picks_bf16_where_the_chip_computes_it(monkeypatch, flags, expected):
+    from pairnet.train import loop
+
+    cpuinfo = f"processor\t: 0\nmodel name\t: test chip\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    parse = loop.cpu_flags
+    monkeypatch.setattr(loop, "cpu_flags", lambda: parse(cpuinfo))
+    assert loop.amp_dtype("auto", torch.device("cpu")) is expected
+    assert loop.amp_dtype("off", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_on_cuda_takes_fp16_where_bf16_is_only_emulated(monkeypatch, native, expected):
+    from pairnet.train import loop
+
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation  # a pre-Ampere GPU: bf16 only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert loop.amp_dtype("auto", torch.device("cuda")) is expected and asked == [False]
+
+
+def test_cuda_speedups_turn_on_autotuning_and_tf32():
+    from pairnet.train import loop
+
+    # Process-wide flags: restored afterwards. torch >= 2.9 names TF32 fp32_precision.
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    if hasattr(cuda.matmul, "fp32_precision"):
+        flags = [(cuda.matmul, "fp32_precision", "tf32"), (cudnn.conv, "fp32_precision", "tf32")]
+    else:
+        flags = [(cuda.matmul, "allow_tf32", True), (cudnn, "allow_tf32", True)]
+    flags.append((cudnn, "benchmark", True))
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in flags]
+    try:
+        loop.enable_cuda_speedups()
+        assert [getattr(obj, name) for obj, name, _ in flags] == [want for _, _, want in flags]
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def test_resume_from_another_device_keeps_the_generator_and_says_so(caplog):
+    from pairnet.train import loop
+
+    gen = torch.Generator().manual_seed(1)
+    before = gen.get_state()
+    state = {"torch": torch.get_rng_state(), "gen": torch.zeros(16, dtype=torch.uint8), "gen_device": "cuda"}
+    with caplog.at_level("WARNING", logger="pairnet.train.loop"):
+        loop._set_rng_state(state, gen)
+    assert torch.equal(gen.get_state(), before) and "ran on cuda" in caplog.text
+
+
+def test_compiled_model_checkpoints_plain_keys_and_resumes(splits, tmp_path):
+    cfg = _cfg(epochs=2, compile=True)
+    dev = pick_device("cpu")
+
+    class StopAfter1(Callback):
+        def on_checkpoint(self, path, epoch):
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=dev, callbacks=[StopAfter1()],
+            checkpoint_path=ckpt)
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1 and state["config"]["compile"] is True
+    resumed = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=dev,
+                  checkpoint_path=ckpt, resume=state)
+    assert [h["epoch"] for h in resumed.history] == [1, 2] and np.isfinite(resumed.history[-1]["train_loss"])
+    saved = load_checkpoint(ckpt)
+    plain = create_model(cfg.model_name, **cfg.model_overrides())
+    assert not [k for k in [*saved["model"], *saved["best_state"]] if "_orig_mod" in k]
+    assert set(saved["model"]) == set(plain.state_dict())
+    plain.load_state_dict(saved["model"])  # strict: a plain model takes the compiled run's weights
+
+
+def test_compile_without_a_cxx_compiler_falls_back_to_aot_eager(splits, monkeypatch, caplog):
+    from pairnet.train import loop
+
+    monkeypatch.setenv("CXX", "no-such-compiler-here")  # a slim image: inductor could not build its kernels
+    with caplog.at_level("WARNING", logger="pairnet.train.loop"):
+        assert loop.compile_backend() == "aot_eager"
+        cfg = _cfg(epochs=1, compile=True)
+        result = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=pick_device("cpu"))
+    assert np.isfinite(result.history[0]["train_loss"]) and "no-such-compiler-here: missing" in caplog.text

@@ -77,6 +77,8 @@ class TrainConfig(Config):
     amp: str = param("auto", "mixed precision (auto: bf16 or fp16 on CUDA, bf16 on CPUs with bf16 units, else off)",
                      choices=("auto", "bf16", "fp16", "off"))
     channels_last: bool = param(True, "channels-last memory format")
+    compile: bool = param(False, "torch.compile the model's forward (inductor; the first steps of each new batch shape "
+                                 "wait for the compiler)")
     eval_batch_size: int = param(1024, "evaluation batch size", above=0)
     max_steps_per_epoch: int = param(0, "cap on steps per epoch (0: whole epochs; >0 for benchmarks, smoke tests)",
                                      min=0)

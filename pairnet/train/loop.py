@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +53,9 @@ class FitResult:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a config value on a device (None = full fp32).
 
-    ``auto``: bf16 on CUDA when supported (else fp16 with a GradScaler); on the CPU,
-    bf16 only where the chip has native bf16 matrix units (AMX/avx512_bf16), where
-    bench/train_bench.py measured it faster; otherwise fp32.
+    ``auto``: bf16 on GPUs that compute it natively (Ampere and later), else fp16 with a
+    GradScaler (older GPUs only emulate bf16, without tensor cores); on the CPU, bf16 where the chip
+    computes it natively (AVX512_BF16 or AMX), where bench/train_bench.py measured it faster; else fp32.
     """
     if amp == "off":
         return None
@@ -62,21 +66,77 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
             raise PairnetError("amp 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_fast_bf16() else None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if NATIVE_BF16_FLAGS & cpu_flags() else None
 
 
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+# /proc/cpuinfo flags of x86 chips whose bf16 dot products run in hardware, which oneDNN
+# uses for bf16 convolutions and matmuls: AVX512_BF16 (Cooper Lake, Zen 4 and later) and
+# AMX (Sapphire Rapids and later).
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo text (read when not given; empty where
+    there is none, as on macOS)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def enable_cuda_speedups() -> None:
+    """cuDNN autotuning (batch shapes are fixed, so each convolution picks its fastest
+    algorithm once) and TF32 for the fp32 matmuls and convolutions left outside autocast.
+    Process-wide flags: set when training starts on CUDA, never at import."""
+    torch.backends.cudnn.benchmark = True
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9 deprecates allow_tf32
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it counts that work (CUDA
+    kernels run asynchronously: without it a timer measures only the launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; on CUDA through pinned memory without blocking the host."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def compile_backend() -> str:
+    """inductor where it can build its kernels: it compiles C++ (CPU kernels, and Triton's
+    launchers on CUDA) against Python's headers. Without a compiler or the headers, e.g. a
+    slim CI image, aot_eager: the same graph capture with eager kernels, so compile=true
+    still trains, only without the speed-up."""
+    cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")  # inductor's own default
+    headers = Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    if shutil.which(cxx) and headers:
+        return "inductor"
+    log.warning("torch.compile falls back to the aot_eager backend (no speed-up): inductor needs a C++ compiler "
+                "(%s: %s) and Python's headers (%s); install them, e.g. build-essential and python3-dev",
+                cxx, "found" if shutil.which(cxx) else "missing", "found" if headers else "missing")
+    return "aot_eager"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -98,7 +158,7 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *, devi
     forward = getattr(model, method)
     out = []
     for start in range(0, xs.shape[0], batch_size):
-        xb = xs[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        xb = to_device(xs[start:start + batch_size], device).float().div_(255)
         with autocast(device, amp):
             out.append(forward(xb).float())
     return torch.cat(out).cpu()
@@ -112,7 +172,7 @@ def predict_with_digits(model: torch.nn.Module, x: torch.Tensor | np.ndarray, *,
     xs = torch.as_tensor(x)
     pair, digit = [], []
     for start in range(0, xs.shape[0], batch_size):
-        xb = xs[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+        xb = to_device(xs[start:start + batch_size], device).float().div_(255)
         with autocast(device, amp):
             logits, dlog = model.forward_with_digits(xb)
         pair.append(logits.float())
@@ -177,7 +237,9 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    # gen draws the data order and augmentation on the training device; its state is
+    # a small CPU tensor whatever the device.
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state(), "gen_device": gen.device.type}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -185,7 +247,15 @@ def _rng_state(gen: torch.Generator) -> dict:
 
 def _set_rng_state(state: dict, gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
+    saved_on = state.get("gen_device", "cpu")  # checkpoints before device generators drew on the CPU
+    if saved_on == gen.device.type:
+        gen.set_state(state["gen"])
+    else:
+        # A CPU and a CUDA generator keep different states: the resumed run stays valid but
+        # draws a different order and augmentation from here on.
+        log.warning("the checkpoint's data-order generator ran on %s and this run draws on %s: the resumed epochs "
+                    "draw from a generator seeded with the run's seed, not the interrupted run's sequence",
+                    saved_on, gen.device.type)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -229,8 +299,11 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best-validation weights."""
     cfg.validate()
+    if device.type == "cuda":
+        enable_cuda_speedups()
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # Data order and augmentation draw on the device: a step copies nothing from the host.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     dtype = amp_dtype(cfg.amp, device)
     loss_fn = make_loss(cfg)
     digits_train = digit_targets(cfg, train)
@@ -240,12 +313,12 @@ def fit(
                            "(create_model(..., digit_head=True))")
     digits_val = digit_labels(val) if aux else None
 
-    # Each split lives on the device as one uint8 tensor; batches are taken by index.
-    xs = torch.from_numpy(np.ascontiguousarray(train.x)).to(device)
-    ys = torch.from_numpy(train.require_labels().astype(np.float32)).to(device)
-    xv = torch.from_numpy(np.ascontiguousarray(val.x)).to(device)
+    # Each split lives on the device as one uint8 tensor, uploaded once; batches are taken by index.
+    xs = to_device(torch.from_numpy(np.ascontiguousarray(train.x)), device)
+    ys = to_device(torch.from_numpy(train.require_labels().astype(np.float32)), device)
+    xv = to_device(torch.from_numpy(np.ascontiguousarray(val.x)), device)
     yv = val.require_labels()
-    ds = torch.from_numpy(digits_train).to(device) if aux else None
+    ds = to_device(torch.from_numpy(digits_train), device) if aux else None
     n = xs.shape[0]
     steps = n // cfg.batch_size if n >= cfg.batch_size else 1
     if cfg.max_steps_per_epoch:
@@ -254,6 +327,10 @@ def fit(
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # In place: parameters and state-dict keys stay the module's own (no _orig_mod.
+        # prefix), so checkpoints and saved models load into an uncompiled model.
+        model.compile(backend=compile_backend())
     # The fused kernel updates every parameter tensor in one pass instead of a Python
     # loop over ~100 small tensors (BatchNorm, SE, biases).
     # Two parameter groups: the tower at lr × tower_lr_mult (fine-tuning), the rest at lr.
@@ -295,8 +372,9 @@ def fit(
             # A frozen tower is a fixed feature extractor: no gradients, BatchNorm statistics kept.
             model.tower.requires_grad_(not frozen)
             model.tower.train(not frozen)
+        sync(device)
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=gen, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         digit_correct = torch.zeros((), device=device)
@@ -333,6 +411,7 @@ def fit(
             loss_sum += loss.detach() * idx.numel()
             correct += ((logits.detach() > 0).float() == (yb > 0.5).float()).sum()
             seen += idx.numel()
+        sync(device)
         train_seconds = time.perf_counter() - t0
 
         metrics = {
@@ -350,6 +429,7 @@ def fit(
         else:
             metrics.update(evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size,
                                     amp=dtype))
+        sync(device)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["pairs_per_s"] = seen / train_seconds
         if sched_kind == "epoch":
