@@ -248,6 +248,10 @@ def _add_train_args(p, stage: str) -> None:
         p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     else:
         p.add_argument("--resume", default="", help="true (newest killed run of this model) or a run id")
+        p.add_argument("--nproc-per-node", type=whole, default=1,
+                       help="train this one model with DistributedDataParallel over N processes (started with "
+                            "torchrun; GPUs: one each, CPU: gloo); the same as torchrun --nproc-per-node N -m "
+                            "pairnet ... (default 1)")
 
 
 def _request(args):
@@ -270,10 +274,14 @@ def _cmd_stage(args) -> int:
     req = _request(args)
     if args.cmd == "stage3":
         _print_summary(stages.run_stage3(req))
-    elif args.cmd == "pretrain":
-        _print_summary([stages.run_single("pretrain", req)])
-    else:
-        _print_summary([stages.run_single(args.cmd, req)])
+        return 0
+    if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # start torchrun with this command
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={args.nproc_per_node}", "-m", "pairnet", *args.argv, "--nproc-per-node", "1"]
+        os.execv(sys.executable, argv)
+    summary = stages.run_single(args.cmd, req)
+    if summary is not None:  # torchrun's other ranks have nothing to report
+        _print_summary([summary])
     return 0
 
 
@@ -536,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_http()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)

@@ -13,6 +13,7 @@ import torch
 from pairnet import names
 from pairnet.data.splits import Splits, check_data_dir, load_splits
 from pairnet.models import create_model, model_from_spec
+from pairnet.models.pair import weights_digest
 from pairnet.models.transfer import copy_matching
 from pairnet.parallel import Member, check_jobs, member_device, report_failures, train_members
 from pairnet.presets import build_config, parse_members, warn_if_slow
@@ -21,9 +22,10 @@ from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.checkpoints import download_checkpoint, local_checkpoint, resume_target
 from pairnet.tracking.init_from import InitSource, fetch_init_source
-from pairnet.tracking.lifecycle import Terminated, tracked_run
-from pairnet.tracking.runlog import git_commit, log_outcome, log_start, weights_digest
+from pairnet.tracking.lifecycle import tracked_run
+from pairnet.tracking.runlog import git_commit, log_outcome, log_start
 from pairnet.tracking.session import setup_tracking
+from pairnet.train import distributed
 from pairnet.train.config import TrainConfig
 from pairnet.train.loop import amp_dtype, digit_targets, fit, pick_device
 
@@ -53,7 +55,8 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
     tags = {names.TAG_STAGE: stage, names.TAG_MODEL: cfg.model_name, names.TAG_SEED: str(cfg.seed),
             names.TAG_DATA_DIGEST: splits.digest(), names.TAG_PRESET: preset, names.TAG_GIT_COMMIT: git_commit(),
             names.TAG_REGISTERED_NAME: registered}
-    resume = download_checkpoint(resume_run_id) if resume_run_id else None
+    me = distributed.current()  # under torchrun only rank 0 gets here; the others run train_replica
+    resume = distributed.share(download_checkpoint(resume_run_id) if resume_run_id else None, me)
     if resume:
         cfg = type(cfg).from_dict(resume["config"])
         tags[names.TAG_RESUMED_FROM] = resume_run_id
@@ -65,7 +68,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         model = create_model(cfg.model_name, digit_head=cfg.aux_digit_weight > 0, **cfg.model_overrides())
     extra = {"run.stage": stage, "run.preset": preset, "run.device": str(dev), "run.registered_name": registered,
              "run.amp_dtype": str(amp_dtype(cfg.amp, dev)), "run.init_weights_digest": weights_digest(model),
-             **({"run.resumed_from": resume_run_id} if resume else {})}
+             "run.world_size": me.world, **({"run.resumed_from": resume_run_id} if resume else {})}
     if cfg.init_from and not resume:  # a resumed run already holds the fine-tuned weights
         source = init_source or fetch_init_source(cfg.init_from)
         extra.update(copy_matching(model, source.state, source_spec=source.spec, source=source.uri).as_params())
@@ -78,23 +81,16 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         # Metrics and the checkpoint of every epoch go to the server from a background thread
         # that buffers and retries: a server restart loses nothing, a killed run can resume.
         callback = MlflowCallback(run.run_id, final_metrics=False)
-        run.on_abort.append(lambda err: _flush(callback, err))
+        run.on_abort.append(callback.abort)
         val_dataset = log_start(cfg, model, splits, extra)
         for row in (resume or {}).get("history", []):  # the killed run's curves continue here
             callback.on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
         bar = EpochBar(cfg.epochs, run_name, start=len(resume["history"]) if resume else 0)
         result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback, bar],
                      checkpoint_path=ckpt, resume=resume)
+        distributed.log_final_weights(me, weights_digest(model))
         return log_outcome(model, result, cfg, splits, dev, stage=stage, registered=registered, run_id=run.run_id,
                            val_dataset=val_dataset, init_uri=tags.get(names.TAG_INIT_FROM))
-
-
-def _flush(callback: MlflowCallback, err: BaseException) -> None:
-    """The epochs that ran reach the server before the run ends KILLED or FAILED."""
-    callback.close(timeout=120)
-    if isinstance(err, (KeyboardInterrupt, Terminated)):
-        log.warning("interrupted: run %s keeps its last checkpoint; continue it with resume=true or resume=%s",
-                    callback.run_id, callback.run_id)
 
 
 def registered_for(stage: str, variant: str, seed: int | None = None) -> str:
@@ -107,12 +103,17 @@ def run_single(stage: str, req: StageRequest) -> dict:
     # Bad values, model names and data folders fail before the server, the data or a run.
     cfg = build_config(stage, req.preset, req.explicit)
     check_data_dir(req.data_dir)
-    warn_if_slow(req.preset, req.device, cfg.epochs)
-    setup_tracking()
-    splits = load_splits(req.data_dir, req.preset)
-    return train_tracked(cfg, stage=stage, splits=splits, registered=registered_for(stage, cfg.model_name),
-                         run_name=f"{stage}/{cfg.model_name}/seed{cfg.seed}", device=req.device, preset=req.preset,
-                         resume_run_id=resume_target(req.resume, stage, cfg.model_name, cfg.seed))
+    me, device = distributed.setup(req.device)  # torchrun: join the process group
+    with distributed.session(me):
+        if not me.main:  # trains its shards; rank 0 alone talks to MLflow
+            return distributed.train_replica(cfg, req.data_dir, req.preset, device, me)
+        warn_if_slow(req.preset, device, cfg.epochs)
+        setup_tracking()
+        splits = load_splits(req.data_dir, req.preset)
+        distributed.barrier(me)  # the data exists (made here if absent) before the replicas read it
+        return train_tracked(cfg, stage=stage, splits=splits, registered=registered_for(stage, cfg.model_name),
+                             run_name=f"{stage}/{cfg.model_name}/seed{cfg.seed}", device=device, preset=req.preset,
+                             resume_run_id=resume_target(req.resume, stage, cfg.model_name, cfg.seed))
 
 
 def run_stage3(req: StageRequest) -> list[dict]:

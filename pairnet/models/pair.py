@@ -40,7 +40,11 @@ class PairModel(nn.Module):
     def forward_head(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
         return self.head(fa, fb)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_digits: bool = False):
+        """Pair logits (N,); with ``with_digits`` also the digit logits, as ``forward_with_digits``
+        (through ``forward`` so that a DistributedDataParallel wrapper sees the call)."""
+        if with_digits:
+            return self.forward_with_digits(x)
         return self.forward_head(*self.forward_features(x))
 
     def forward_per_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,3 +59,14 @@ class PairModel(nn.Module):
             raise ValueError("this model was built without a digit head (create_model(..., digit_head=True))")
         fa, fb = self.forward_features(x)
         return self.forward_head(fa, fb), self.digit_head(torch.cat([fa, fb]))
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of a model's parameters and buffers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -102,6 +102,15 @@ class MlflowCallback(Callback):
             self.log_metrics(final_metrics(result), 0)
         self.close()
 
+    def abort(self, err: BaseException) -> None:
+        """The run ends KILLED or FAILED: the epochs that ran reach the server first."""
+        from pairnet.tracking.lifecycle import Terminated
+
+        self.close(timeout=120)
+        if isinstance(err, (KeyboardInterrupt, Terminated)):
+            log.warning("interrupted: run %s keeps its last checkpoint; continue it with resume=true or resume=%s",
+                        self.run_id, self.run_id)
+
     def pending(self) -> int:
         with self._lock:
             return len(self._metrics) + (self._ckpt is not None) + self._busy

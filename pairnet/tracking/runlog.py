@@ -7,14 +7,12 @@ registers it, links the final metrics to the logged model and gates the champion
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tempfile
 from pathlib import Path
 
 import mlflow
-import torch
 
 from pairnet import names
 from pairnet.data.splits import Splits
@@ -33,15 +31,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A short hash of a model's parameters and buffers."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _local_file_source(path: str):

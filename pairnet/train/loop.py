@@ -22,6 +22,7 @@ from pairnet.data.augment import augment_batch
 from pairnet.data.pairs import PairSet
 from pairnet.errors import PairnetError
 from pairnet.fsutil import atomic_path
+from pairnet.train import distributed
 from pairnet.train.config import TrainConfig
 from pairnet.train.losses import make_loss
 from pairnet.train.metrics import binary_metrics
@@ -331,6 +332,15 @@ def fit(
         # In place: parameters and state-dict keys stay the module's own (no _orig_mod.
         # prefix), so checkpoints and saved models load into an uncompiled model.
         model.compile(backend=compile_backend())
+    # Several processes (torchrun): each trains on its shard of every batch, gradients averaged.
+    me = distributed.current()
+    net = model
+    if me.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # A frozen tower gets no gradients in the first epochs: DDP must not wait for them.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=cfg.freeze_epochs > 0)
     # The fused kernel updates every parameter tensor in one pass instead of a Python
     # loop over ~100 small tensors (BatchNorm, SE, biases).
     # Two parameter groups: the tower at lr × tower_lr_mult (fine-tuning), the rest at lr.
@@ -382,6 +392,8 @@ def fit(
         seen = 0
         for step in range(steps):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if me.distributed:  # equal shards, so every rank draws the same random numbers
+                idx = idx[me.rank::me.world][:idx.numel() // me.world]
             xb = xs[idx].float().div_(255)
             yb = ys[idx]
             db = ds[idx] if aux else None
@@ -389,9 +401,9 @@ def fit(
                 xb, yb, db = augment_batch(xb, yb, gen, cfg.aug, digits=db)
             with autocast(device, dtype):
                 if aux:
-                    logits, dlog = model.forward_with_digits(xb)
+                    logits, dlog = net(xb, with_digits=True)
                 else:
-                    logits = model(xb)
+                    logits = net(xb)
             loss = loss_fn(logits, yb)
             if aux:
                 # Rows of dlog: every left half, then every right half.
@@ -411,6 +423,12 @@ def fit(
             loss_sum += loss.detach() * idx.numel()
             correct += ((logits.detach() > 0).float() == (yb > 0.5).float()).sum()
             seen += idx.numel()
+        if me.distributed:  # whole-batch training figures; rank 0's BatchNorm statistics everywhere
+            totals = torch.stack([loss_sum, correct, digit_correct, torch.tensor(float(seen), device=device)])
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, digit_correct, seen = totals[0], totals[1], totals[2], int(totals[3])
+            for buf in model.buffers():
+                torch.distributed.broadcast(buf, src=0)
         sync(device)
         train_seconds = time.perf_counter() - t0
 
@@ -432,6 +450,7 @@ def fit(
         sync(device)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["pairs_per_s"] = seen / train_seconds
+        metrics = distributed.share(metrics, me)  # every rank takes rank 0's decisions from here on
         if sched_kind == "epoch":
             sched.step()
         elif sched_kind == "plateau":
@@ -446,9 +465,10 @@ def fit(
         history.append({"epoch": epoch, **metrics})
         spent += metrics["epoch_seconds"]
         ran = epoch - start_epoch + 1
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val acc %.4f  %.1fs  %s", epoch, cfg.epochs,
-                 metrics["train_loss"], metrics["train_acc"], metrics["val_acc"], metrics["epoch_seconds"],
-                 eta(spent / ran * (cfg.epochs - epoch)))
+        if me.main:
+            log.info("epoch %d/%d  train loss %.4f acc %.4f  val acc %.4f  %.1fs  %s", epoch, cfg.epochs,
+                     metrics["train_loss"], metrics["train_acc"], metrics["val_acc"], metrics["epoch_seconds"],
+                     eta(spent / ran * (cfg.epochs - epoch)))
 
         if ckpt is not None:
             save_checkpoint(ckpt, {
