@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -28,11 +31,25 @@ class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM."""
 
 
+def _redeliver_swallowed(unraisable, _default=sys.unraisablehook) -> None:
+    """A signal's exception raised inside a garbage-collection callback or ``__del__`` is
+    swallowed by Python (printed as "Exception ignored"), and the process would go on as if
+    never signalled. Such a signal is sent again a moment later, from another thread, so
+    that it lands in ordinary code and stops the process as it should."""
+    err = unraisable.exc_value
+    if isinstance(err, (Terminated, KeyboardInterrupt)):
+        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        threading.Timer(0.05, os.kill, args=(os.getpid(), signum)).start()
+        return
+    _default(unraisable)
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     def _handler(signum, frame):
         raise Terminated(f"received signal {signum}")
 
+    sys.unraisablehook = _redeliver_swallowed
     previous = signal.signal(signal.SIGTERM, _handler)
     try:
         yield
