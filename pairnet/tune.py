@@ -555,6 +555,24 @@ def _registered_version(name: str, trial_run: str) -> str | None:
     return str(found[0].version) if found else None
 
 
+def _registering_run(trial_run: str) -> str | None:
+    """The parent run of another invocation, still RUNNING, whose trial this is: that one registers it.
+
+    Two invocations that end at once (two machines on one study) both saw the trial unregistered
+    and registered it twice; the one that ran it registers it before its run ends, and an
+    invocation that finds the owner's run ended finds the version too (or registers it, when
+    the owner died first).
+    """
+    client = MlflowClient()
+    try:
+        owner = client.get_run(trial_run).data.tags.get("mlflow.parentRunId")
+        if owner is None or owner == mlflow.active_run().info.run_id:
+            return None
+        return owner if client.get_run(owner).info.status == "RUNNING" else None
+    except MlflowException:
+        return None
+
+
 def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) -> dict:
     states = {}
     for t in study.trials:
@@ -573,6 +591,10 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     _log_plots(study)
     name = registry.registered_name(req.model_name)
     trial_run = best.user_attrs.get("mlflow_run_id")
+    owner = _registering_run(trial_run) if trial_run else None
+    if owner is not None:  # checked before the registry: once the owner's run has ended, its version exists
+        mlflow.set_tag("pairnet.best_model", f"registered by run {owner}, which ran trial {best.number}")
+        return summary
     known = _registered_version(name, trial_run) if trial_run else None
     if known is not None:
         mlflow.set_tag("pairnet.best_model", f"models:/{name}/{known}")
