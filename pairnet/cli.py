@@ -366,7 +366,8 @@ def _add_tune(sub) -> None:
                    help="finished (complete or pruned) trials this invocation adds")
     p.add_argument("--timeout", type=finite, default=0.0, help="seconds for this invocation (0: none)")
     p.add_argument("--study-name", default="pairnet-lr-wd")
-    p.add_argument("--storage", default="", help="Optuna RDB URL (default sqlite:///<data>/optuna.db)")
+    p.add_argument("--storage", default="", help="an Optuna RDB URL (sqlite:///..., postgresql://user@host:5432/db) "
+                                                 "or a journal file path; default <data>/optuna.journal")
     p.add_argument("--epochs", type=whole, default=0, help="epochs per trial (0: the preset's)")
     p.add_argument("--sampler-seed", type=whole, default=42)
     p.add_argument("--n-workers", type=whole, default=1,
@@ -382,7 +383,8 @@ def _add_tune(sub) -> None:
     p.add_argument("--init-from", default="", help=config_help("init_from"))
     p.add_argument("--freeze-epochs", type=optional(whole), default=None, help=config_help("freeze_epochs"))
     p.add_argument("--tower-lr-mult", type=optional(finite), default=None, help=config_help("tower_lr_mult"))
-    p.add_argument("--heartbeat-interval", type=whole, default=10, help="seconds between a trial's heartbeats")
+    p.add_argument("--heartbeat-interval", type=whole, default=10,
+                   help="seconds between a trial's heartbeats (RDB storage; a journal file has none)")
     p.add_argument("--grace-period", type=whole, default=30,
                    help="seconds without a heartbeat before a trial counts as dead (failed, re-queued at most twice)")
     p.set_defaults(func=_cmd_tune)

@@ -1,8 +1,9 @@
 """Optuna studies over learning rate and weight decay, each trial a nested MLflow run.
 
-The study lives in Optuna RDB storage (SQLite by default, any SQLAlchemy URL such as
-PostgreSQL accepted), so running again with the same study name continues it, and
-several workers (processes here, or other invocations) share it.
+The study lives in an Optuna journal file by default (``<data>/optuna.journal``: what
+Optuna recommends for several processes on one machine), or in RDB storage given by URL
+(SQLite, or PostgreSQL for several machines), so running again with the same study name
+continues it, and several workers (processes here, or other invocations) share it.
 
 Optuna's MLflowCallback is deprecated in Optuna 5, so the glue is written here: each
 trial is a child run created with an explicit ``mlflow.parentRunId`` tag, which nests
@@ -31,6 +32,7 @@ import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import random
 import signal
 import sys
 import tempfile
@@ -40,12 +42,15 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import sqlalchemy.exc
 import torch
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from optuna.storages.journal import JournalFileBackend
 
 from pairnet import names
+from pairnet.dburl import check_connects, with_driver
 from pairnet.errors import PairnetError
 from pairnet.models import create_model
 from pairnet.serving import load_pair_dir, save_pair_dir
@@ -71,6 +76,9 @@ PROCESS_ATTR = "pairnet.process"  # trial user attr: ProcessId.as_tags() of the 
 SWEPT_REASON = names.TAG_SWEPT  # the same tag the orphan sweep sets
 STOP_WAIT_S = 20.0  # how long stopped workers get to end their trials KILLED before SIGKILL
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+JOURNAL = "optuna.journal"  # the default storage, in the data folder
+LEGACY_DB = "optuna.db"  # the default before the journal; kept where it is the only one
+SCHEMA_TRIES = 4  # attempts to open an RDB storage whose tables another machine is creating
 
 
 @dataclass
@@ -80,7 +88,7 @@ class TuneRequest:
     n_trials: int = 20  # finished (COMPLETE or PRUNED) trials this invocation adds
     timeout: float = 0.0  # seconds for this invocation; 0 = none
     study_name: str = "pairnet-lr-wd"
-    storage: str = ""  # "" = sqlite:///<data>/optuna.db
+    storage: str = ""  # RDB URL or journal file path; "" = <data>/optuna.journal (see storage_url)
     epochs: int = 0  # per trial; 0 = the preset's
     sampler_seed: int = 42
     n_workers: int = 1
@@ -116,11 +124,18 @@ class TuneRequest:
         return self
 
     def storage_url(self) -> str:
+        """An RDB URL (``scheme://...``) or the absolute path of an Optuna journal file.
+
+        The default is ``<data>/optuna.journal``; a data folder that holds only ``optuna.db``
+        (the default before the journal) keeps using it, so its studies continue.
+        """
         if self.storage:
-            return self.storage
+            return self.storage if "://" in self.storage else str(Path(self.storage).expanduser().resolve())
         d = Path(self.data_dir) if self.data_dir else default_data_dir()
         d.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{(d / 'optuna.db').resolve()}"
+        if (d / LEGACY_DB).exists() and not (d / JOURNAL).exists():
+            return f"sqlite:///{(d / LEGACY_DB).resolve()}"
+        return str((d / JOURNAL).resolve())
 
 
 def _whole(name: str, value, low: int) -> None:
@@ -130,28 +145,79 @@ def _whole(name: str, value, low: int) -> None:
 
 def check_storage_url(url: str) -> None:
     """Connect once with SQLAlchemy, so a bad URL fails in one line before Optuna starts."""
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except Exception as err:  # SQLAlchemy raises many types for bad URLs
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PairnetError(mask_url(f"Optuna storage '{url}' is not usable: {first}")) from None
+    check_connects(url, "Optuna storage")
 
 
-def open_storage(req: TuneRequest) -> optuna.storages.RDBStorage:
+def open_storage(req: TuneRequest) -> optuna.storages.BaseStorage:
     url = req.storage_url()
+    if "://" not in url:
+        return _open_journal(Path(url), req.study_name)
     check_storage_url(url)
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=req.heartbeat_interval,
-        grace_period=req.grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
-    )
+    for attempt in range(1, SCHEMA_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                with_driver(url),
+                heartbeat_interval=req.heartbeat_interval,
+                grace_period=req.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
+            )
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            # Machines that open a new database at once race to create Optuna's tables, and
+            # the losers fail (tests/test_postgres.py: one of two at once, on PostgreSQL 15);
+            # once the winner has committed, the tables are there.
+            if attempt == SCHEMA_TRIES:
+                first = str(err).strip().splitlines()[0]
+                raise PairnetError(mask_url(f"Optuna storage '{url}' is not usable: {first}")) from None
+            time.sleep(random.uniform(0.2, 1.0) * attempt)
+
+
+class JournalStudyStorage(optuna.storages.JournalStorage):
+    """An Optuna journal file, the storage Optuna recommends for several processes on one machine.
+
+    Measured by ``bench/storage_bench.py`` (4 processes, one study, fast trials, some
+    enqueued as re-queued trials are): the journal kept every trial and ran each enqueued
+    one once; SQLite kept the plain trials, but lets two processes take the same WAITING
+    trial (it has no row locks), and the slower one dies updating a finished trial.
+
+    A journal has no heartbeat. The parent still sees its own workers die and re-queues
+    their trials with the callback an RDB heartbeat would use (``bury``), and opening the
+    journal fails the RUNNING trials of this host's processes that are gone (a killed
+    parent), re-queued the same way.
+    """
+
+    def get_heartbeat_stale_trial_callback(self) -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
+def _open_journal(path: Path, study_name: str) -> JournalStudyStorage:
+    if not path.parent.is_dir():
+        raise PairnetError(f"Optuna storage '{path}' is not usable: the folder {path.parent} does not exist "
+                           f"(a journal file path, or an RDB URL such as sqlite:///... or postgresql://...)")
+    try:
+        storage = JournalStudyStorage(JournalFileBackend(str(path)))
+    except OSError as err:
+        raise PairnetError(f"Optuna storage '{path}' is not usable: {err.strerror or err}") from None
+    _fail_dead_trials(storage, study_name)
+    return storage
+
+
+def _fail_dead_trials(storage: JournalStudyStorage, study_name: str) -> None:
+    """FAIL and re-queue the RUNNING trials whose process (this host's) has exited."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return  # a new study
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        who = ProcessId.from_tags(t.user_attrs.get(PROCESS_ATTR) or {})
+        if who is None or not who.on_this_host() or who.alive():
+            continue  # another machine's (undecidable here) or still running
+        try:
+            failed = study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process failed it first
+        log.warning("trial %d failed: its process (%s) is gone", t.number, who.describe())
+        storage.get_heartbeat_stale_trial_callback()(study, failed)
 
 
 def make_study(req: TuneRequest, storage, worker: int = 0) -> optuna.Study:
@@ -473,6 +539,24 @@ def _registered_version(name: str, trial_run: str) -> str | None:
     return str(found[0].version) if found else None
 
 
+def _registering_run(trial_run: str) -> str | None:
+    """The parent run of another invocation, still RUNNING, whose trial this is: that one registers it.
+
+    Two invocations that end at once (two machines on one study) both saw the trial unregistered
+    and registered it twice; the one that ran it registers it before its run ends, and an
+    invocation that finds the owner's run ended finds the version too (or registers it, when
+    the owner died first).
+    """
+    client = MlflowClient()
+    try:
+        owner = client.get_run(trial_run).data.tags.get("mlflow.parentRunId")
+        if owner is None or owner == mlflow.active_run().info.run_id:
+            return None
+        return owner if client.get_run(owner).info.status == "RUNNING" else None
+    except MlflowException:
+        return None
+
+
 def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) -> dict:
     states = {}
     for t in study.trials:
@@ -491,6 +575,10 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     _log_plots(study)
     name = registry.registered_name(req.model_name)
     trial_run = best.user_attrs.get("mlflow_run_id")
+    owner = _registering_run(trial_run) if trial_run else None
+    if owner is not None:  # checked before the registry: once the owner's run has ended, its version exists
+        mlflow.set_tag("pairnet.best_model", f"registered by run {owner}, which ran trial {best.number}")
+        return summary
     known = _registered_version(name, trial_run) if trial_run else None
     if known is not None:
         mlflow.set_tag(names.TAG_BEST_MODEL, f"models:/{name}/{known}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -50,25 +52,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def tracking_server(root: Path, **start):
+    """pairnet's own `server start` on a free loopback port, the tracking URI while it runs."""
+    import mlflow
+
+    from pairnet.tracking import server
+
+    port = _free_port()
+    info = server.start(port=port, root=root, **start)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = info.url
+    mlflow.set_tracking_uri(info.url)
+    try:
+        yield info
+    finally:
+        server.stop(port=port, root=root)
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+        mlflow.set_tracking_uri(old)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite store, served artifacts) on a free loopback port."""
-    from pairnet.tracking import server
+    with tracking_server(tmp_path_factory.mktemp("mlflow_server")) as info:
+        yield info.url
 
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    info = server.start(port=port, root=root)
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = info.url
-    import mlflow
 
-    mlflow.set_tracking_uri(info.url)
-    yield info.url
-    server.stop(port=port, root=root)
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL of the tests' own (tests/pg.py) on a free loopback port.
+
+    Skipped only outside CI when the binaries or psycopg are missing; .ci/run installs both.
+    """
+    import pg
+
+    bindir = pg.find_bin()
+    missing = []
+    if bindir is None:
+        missing.append("PostgreSQL (apt-get install postgresql)")
+    if importlib.util.find_spec("psycopg") is None:
+        missing.append("psycopg (pip install -e '.[test]')")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"missing {' and '.join(missing)}; .ci/run installs them")
+        pytest.skip(f"missing {' and '.join(missing)}")
+    server = pg.start(bindir, _free_port())
+    yield server
+    server.stop()
 
 
 def user_env(tracking_uri: str, experiment: str) -> dict:

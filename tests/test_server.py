@@ -137,10 +137,12 @@ def test_user_errors_are_one_line_without_passwords(tmp_path):
         busy.listen()
         res = pairnet(tmp_path, "server", "start", "--port", port)
     assert res.returncode == 2 and "in use by another program" in res.stderr, res
-    # A store the server cannot open: it exits early; the message names why and hides the password.
+    # A store the server cannot reach: refused before MLflow starts (it would retry for minutes);
+    # the message names why and hides the password.
     res = pairnet(tmp_path, "server", "start", "--port", port,
                   "--backend-store-uri", "postgresql://bob:hunter2secret@127.0.0.1:9/mlflow")
-    assert res.returncode == 2 and "mlflow server exited with status" in res.stderr, res
+    assert res.returncode == 2 and "backend store 'postgresql://bob:***@127.0.0.1:9/mlflow' is not usable" in res.stderr
+    assert "Connection refused" in res.stderr, res
     assert "hunter2secret" not in res.stderr + res.stdout and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not servers_on(port) and not (tmp_path / "mlflow" / f"server-{port}.pid").exists()

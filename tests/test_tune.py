@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from conftest import mlflow_run, user_env
 
@@ -54,15 +57,26 @@ def test_tune_nested_trials_resumable_study(mlflow_server, tiny_data, tmp_path):
     assert len({(t.params["lr"], t.params["weight_decay"]) for t in study.trials}) == 6
 
 
-def test_two_workers_share_one_study(mlflow_server, tiny_data, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    env = user_env(mlflow_server, "it-tune-workers")
-    cmd = [sys.executable, "-m", "pairnet.cli", "tune", "--preset", "tiny", "--data-dir", str(tiny_data),
-           "--storage", storage, "--study-name", "w", "--model-name", "compare_cnn", "--epochs", "2",
-           "--n-trials", "4", "--n-workers", "2"]
+@pytest.mark.parametrize("where", ["sqlite", "default"])
+def test_two_workers_share_one_study(mlflow_server, tiny_data, tmp_path, where):
+    if where == "default":  # no --storage: the journal file <data>/optuna.journal, in a data folder of its own
+        data = shutil.copytree(tiny_data, tmp_path / "data")
+        storage, given = str(data / "optuna.journal"), []
+    else:
+        data = tiny_data
+        storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+        given = ["--storage", storage]
+    env = user_env(mlflow_server, f"it-tune-workers-{where}")
+    cmd = [sys.executable, "-m", "pairnet.cli", "tune", "--preset", "tiny", "--data-dir", str(data), *given,
+           "--study-name", "w", "--model-name", "compare_cnn", "--epochs", "2", "--n-trials", "4", "--n-workers", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    study = optuna.load_study(study_name="w", storage=storage)
+    client = MlflowClient()
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"])
+                                                 .experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.params["tune.storage"] == storage
+    journal = JournalStorage(JournalFileBackend(storage)) if where == "default" else storage
+    study = optuna.load_study(study_name="w", storage=journal)
     assert len(study.trials) == 4
     params = {(t.params["lr"], t.params["weight_decay"]) for t in study.trials}
     assert len(params) == 4 and sorted(t.number for t in study.trials) == [0, 1, 2, 3]

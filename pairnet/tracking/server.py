@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from pairnet.dburl import check_connects, with_driver
 from pairnet.errors import PairnetError
 from pairnet.fsutil import file_lock, write_text
 from pairnet.paths import server_dir
@@ -185,7 +186,10 @@ def _backend(uri: str | None, f: dict[str, Path]) -> str:
             Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as err:
             raise PairnetError(f"cannot create the folder of the backend store {path}: {err.strerror}") from None
-    return _local_path(uri)
+    return _local_path(with_driver(uri))
+
+
+DATABASE_SERVERS = ("postgresql", "mysql", "mssql")  # backend stores MLflow reaches over the network
 
 
 def _port_taken(host: str, port: int) -> bool:
@@ -287,6 +291,9 @@ def _spawn(f: dict[str, Path], port: int, host: str, wait_s: float, backend_stor
     if _port_taken(host, port):
         raise PairnetError(f"port {port} on {host} is in use by another program; pick another --port")
     backend = _backend(backend_store_uri, f)
+    if backend_store_uri and backend.partition("://")[0].split("+")[0] in DATABASE_SERVERS:
+        # MLflow retries an unreachable database for minutes before it gives up; say why now.
+        check_connects(backend_store_uri, "backend store")
     artifacts = _local_path(artifacts_destination or str(f["artifacts"]))
     # The store URI goes in the environment, not on the command line, where `ps` would show its password.
     env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=backend)
