@@ -56,6 +56,18 @@ def load_pair_dir(folder: str | Path) -> PairModel:
     return model.eval()
 
 
+def save_stack_dir(bases: dict[str, PairModel], booster, folder: str | Path) -> Path:
+    """The folder :meth:`StackPredictor.load` reads: ``bases/<key>/`` per base model, the booster's
+    text model and a ``lineage.json`` naming the keys in feature order (the stack stage writes
+    the same files from registry versions, with names, versions and run ids in the lineage)."""
+    folder = Path(folder)
+    for key, model in bases.items():
+        save_pair_dir(model, folder / "bases" / key)
+    booster.save_model(str(folder / META_MODEL))
+    (folder / LINEAGE).write_text(json.dumps({"base_models": [{"key": k} for k in bases]}, indent=2))
+    return folder
+
+
 def _as_pairs(x) -> np.ndarray:
     if isinstance(x, pd.DataFrame):
         x = x.to_numpy()
