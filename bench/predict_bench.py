@@ -26,21 +26,18 @@ import numpy as np
 from pairnet.data.pairs import PairSet, save_pairs
 from pairnet.models import create_model
 from pairnet.serving import save_pair_dir, save_stack_dir
-from pairnet.stacking import meta_features
+from pairnet.stacking import make_lgbm, meta_features
 
 TARGET_MB = 3 * 1024
 
 
 def make_stack(folder: Path, models: list) -> Path:
-    """A stack folder over ``models`` whose LightGBM booster is fit on random meta-features
-    (speed and memory do not depend on what it learned); bench/ensemble_bench.py uses it too."""
-    import lightgbm
-
-    p = np.random.default_rng(0).uniform(0.01, 0.99, (500, len(models)))
-    booster = lightgbm.train({"objective": "binary", "num_leaves": 3, "verbose": -1},
-                             lightgbm.Dataset(meta_features(list(p.T)), label=(p.mean(1) > 0.5).astype(int)),
-                             num_boost_round=20)
-    return save_stack_dir({f"base-{i}": m for i, m in enumerate(models)}, booster, folder)
+    """A stack folder over ``models`` with the stack stage's LightGBM meta-learner (default
+    settings: as many trees as a real stack) fit on random meta-features: speed and memory do
+    not depend on what it learned. bench/ensemble_bench.py uses it too."""
+    p = np.random.default_rng(0).uniform(0.01, 0.99, (2000, len(models)))
+    meta = make_lgbm(seed=0).fit(meta_features(list(p.T)), (p.mean(1) > 0.5).astype(int))
+    return save_stack_dir({f"base-{i}": m for i, m in enumerate(models)}, meta.booster_, folder)
 
 
 def seeded_models(names: list[str], width_mult: float) -> list:
