@@ -25,28 +25,30 @@ import numpy as np
 
 from pairnet.data.pairs import PairSet, save_pairs
 from pairnet.models import create_model
-from pairnet.serving import save_pair_dir
-from pairnet.serving.predictors import LINEAGE, META_MODEL
+from pairnet.serving import save_pair_dir, save_stack_dir
+from pairnet.stacking import make_lgbm, meta_features
 
 TARGET_MB = 3 * 1024
 
 
-def make_stack(folder: Path, model_name: str, width_mult: float) -> None:
-    import lightgbm
+def make_stack(folder: Path, models: list) -> Path:
+    """A stack folder over ``models`` with the stack stage's LightGBM meta-learner (default
+    settings: as many trees as a real stack) fit on random meta-features: speed and memory do
+    not depend on what it learned. bench/ensemble_bench.py uses it too."""
+    p = np.random.default_rng(0).uniform(0.01, 0.99, (2000, len(models)))
+    meta = make_lgbm(seed=0).fit(meta_features(list(p.T)), (p.mean(1) > 0.5).astype(int))
+    return save_stack_dir({f"base-{i}": m for i, m in enumerate(models)}, meta.booster_, folder)
 
-    keys = ["base-a", "base-b"]
-    for i, key in enumerate(keys):
-        import torch
 
+def seeded_models(names: list[str], width_mult: float) -> list:
+    """Zoo models, the i-th built after torch.manual_seed(i): distinct, reproducible weights."""
+    import torch
+
+    models = []
+    for i, name in enumerate(names):
         torch.manual_seed(i)
-        save_pair_dir(create_model(model_name, width_mult=width_mult), folder / "bases" / key)
-    rng = np.random.default_rng(0)
-    p = rng.random((500, 2))
-    feats = np.column_stack([p[:, 0], np.log(p[:, 0] / (1 - p[:, 0])), p[:, 1], np.log(p[:, 1] / (1 - p[:, 1]))])
-    booster = lightgbm.train({"objective": "binary", "num_leaves": 3, "verbose": -1},
-                             lightgbm.Dataset(feats, label=(p.mean(1) > 0.5).astype(int)), num_boost_round=20)
-    booster.save_model(str(folder / META_MODEL))
-    (folder / LINEAGE).write_text(json.dumps({"base_models": [{"key": k} for k in keys]}))
+        models.append(create_model(name, width_mult=width_mult))
+    return models
 
 
 def run_predict(model: Path, data: Path, out: Path) -> tuple[float, float]:
@@ -77,7 +79,7 @@ def main() -> None:
         save_pairs(tmp / "big.npz", PairSet(x=x, ids=ids))
         del x
         save_pair_dir(create_model(args.model_name, width_mult=args.width_mult), tmp / "pair")
-        make_stack(tmp / "stack", args.model_name, args.width_mult)
+        make_stack(tmp / "stack", seeded_models([args.model_name] * 2, args.width_mult))
         figures = {"pairs": args.pairs, "model": args.model_name, "width_mult": args.width_mult,
                    "target_peak_rss_mb": TARGET_MB}
         for kind in kinds:

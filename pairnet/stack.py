@@ -130,7 +130,8 @@ def run_stack(req: StackRequest) -> dict:
 
     from pairnet import plots
     from pairnet.tracking.lifecycle import tracked_run
-    from pairnet.tracking.model import PYFUNC_CODE, SIGNATURE, copy_model_artifacts, mark_version, requirements
+    from pairnet.tracking.model import (PYFUNC_CODE, STACK_SIGNATURE, copy_model_artifacts, mark_version,
+                                       requirements, stack_artifacts)
     from pairnet.tracking.server import tracking_uri
 
     if req.n_folds < 2:
@@ -208,15 +209,8 @@ def run_stack(req: StackRequest) -> dict:
             # The served stack: exactly these base versions' weights, the booster and the lineage.
             for b in bases:
                 copy_model_artifacts(b.uri, tmp / "bases" / b.key, client)
-            artifacts = {"lineage": str(tmp / "lineage.json"), "meta_model": str(tmp / "meta_model.txt"),
-                         "bases": str(tmp / "bases")}
-            output = mlflow.models.ModelSignature(
-                inputs=SIGNATURE.inputs,
-                outputs=mlflow.types.Schema([mlflow.types.ColSpec("long", "label"),
-                                             mlflow.types.ColSpec("double", "probability")]),
-            )
             info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
-                                           artifacts=artifacts, signature=output,
+                                           artifacts=stack_artifacts(tmp), signature=STACK_SIGNATURE,
                                            registered_model_name=registry.STACK_NAME,
                                            pip_requirements=requirements("lightgbm", "pandas"))
             mark_version(registry.STACK_NAME, info, "stack")

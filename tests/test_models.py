@@ -120,8 +120,9 @@ def test_one_step_fit_then_saved_model_serves_its_signature(name, splits, tmp_pa
     prob = served.predict(val.x[:5])
     (spec_out,) = SIGNATURE.outputs.inputs
     assert prob.dtype == spec_out.type and prob.shape == (5,) and np.all((prob >= 0) & (prob <= 1))
-    # The served model gives the trained model's probabilities.
+    # The served model gives the trained model's probabilities (within bf16's rounding where
+    # the device autocasts to it).
     model.eval()
     with torch.inference_mode():
         direct = torch.sigmoid(model(torch.from_numpy(val.x[:5]).float() / 255)).numpy()
-    assert np.allclose(prob, direct, atol=1e-5)
+    assert np.allclose(prob, direct, atol=1e-5 if served.amp is None else 2e-2)

@@ -6,6 +6,6 @@ spec and loads the tensors. Nothing is unpickled and no code stored with a model
 The stack adds a LightGBM text model and a ``lineage.json`` naming its base models.
 """
 
-from pairnet.serving.predictors import PairPredictor, StackPredictor, load_pair_dir, save_pair_dir
+from pairnet.serving.predictors import PairPredictor, StackPredictor, load_pair_dir, save_pair_dir, save_stack_dir
 
-__all__ = ["PairPredictor", "StackPredictor", "load_pair_dir", "save_pair_dir"]
+__all__ = ["PairPredictor", "StackPredictor", "load_pair_dir", "save_pair_dir", "save_stack_dir"]

@@ -6,6 +6,10 @@ LightGBM text model and ``lineage.json``; so loading needs no pickle
 (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false works). A pair model returns probabilities
 (N,); the stack a DataFrame with ``label`` and ``probability``. The ``pairnet`` package
 must be importable where the model is loaded.
+
+Loading picks the device (CUDA when present); prediction then runs batched under
+inference_mode with the device's autocast dtype and channels_last weights, exactly the
+path ``bench/ensemble_bench.py`` measures against a plain torch forward.
 """
 
 import mlflow
@@ -24,11 +28,13 @@ class PairnetPyfunc(PythonModel):
         from pathlib import Path
 
         from pairnet.serving.predictors import PairPredictor, StackPredictor
+        from pairnet.train.loop import pick_device
 
+        device = pick_device()  # the serving edge: chosen once, every base model on it
         if "lineage" in context.artifacts:
-            self.predictor = StackPredictor.load(Path(context.artifacts["lineage"]).parent)
+            self.predictor = StackPredictor.load(Path(context.artifacts["lineage"]).parent, device=device)
         else:
-            self.predictor = PairPredictor.load(Path(context.artifacts["weights"]).parent)
+            self.predictor = PairPredictor.load(Path(context.artifacts["weights"]).parent, device=device)
 
     def predict(self, context, model_input, params=None):
         return self.predictor.predict(model_input)

@@ -25,14 +25,14 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from pairnet import names
 from pairnet.data.pairs import IMAGE_SHAPE
 from pairnet.errors import PairnetError
 from pairnet.models.pair import PairModel
 from pairnet.serving import PairPredictor, StackPredictor, save_pair_dir
-from pairnet.serving.predictors import LINEAGE, SPEC, WEIGHTS
+from pairnet.serving.predictors import LINEAGE, META_MODEL, SPEC, WEIGHTS
 
 FORMAT = "safetensors-v1"
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "pyfunc.py"
@@ -40,6 +40,11 @@ PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "pyfunc.py"
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
+)
+# The stack: the same input, a label and its probability per pair.
+STACK_SIGNATURE = ModelSignature(
+    inputs=SIGNATURE.inputs,
+    outputs=Schema([ColSpec("long", "label"), ColSpec("double", "probability")]),
 )
 
 
@@ -59,6 +64,12 @@ def log_pair_model(model: PairModel, example: np.ndarray, registered_name: str |
         )
     mark_version(registered_name, info, "pair")
     return info
+
+
+def stack_artifacts(folder: Path) -> dict[str, str]:
+    """The pyfunc artifacts of a stack folder (``lineage.json``, the booster, ``bases/``); the
+    pyfunc finds the folder through ``lineage``."""
+    return {"lineage": str(folder / LINEAGE), "meta_model": str(folder / META_MODEL), "bases": str(folder / "bases")}
 
 
 def mark_version(name: str | None, info, kind: str) -> None:
