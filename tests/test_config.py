@@ -176,3 +176,18 @@ def test_nested_bounds_unknown_keys_and_old_checkpoints():
 def test_validate_uses_field_metadata(over, message):
     with pytest.raises(PairnetError, match=message):
         TrainConfig(**over).validate()
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, prog: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prog} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{prog} {action.option_strings[0]}")
+
+    walk(build_parser(), "pairnet")
+    assert not missing
