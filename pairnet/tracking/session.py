@@ -21,13 +21,10 @@ def setup_tracking() -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     sweep_orphans()  # runs left RUNNING by a killed process on this host end FAILED
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; only an id the user (or `mlflow run`)
-    # set pins the experiment, not the one an earlier call in this process left behind.
-    user_id = os.environ.get("MLFLOW_EXPERIMENT_ID") not in (None, "", _exported[0])
-    if not os.environ.get("MLFLOW_RUN_ID") and not user_id:
-        exp = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-        _exported[0] = exp.experiment_id
+    # As MLflow itself resolves it: MLFLOW_EXPERIMENT_NAME before MLFLOW_EXPERIMENT_ID (which
+    # mlflow.set_experiment also exports, so an id left by an earlier call in this process
+    # never hides the name a caller sets now); inside `mlflow run` the run fixes it.
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if not os.environ.get("MLFLOW_RUN_ID") and (name or not os.environ.get("MLFLOW_EXPERIMENT_ID")):
+        mlflow.set_experiment(name or DEFAULT_EXPERIMENT)
     return uri
-
-
-_exported: list[str | None] = [None]  # the experiment id set_experiment last exported here
