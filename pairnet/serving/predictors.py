@@ -21,7 +21,7 @@ from pairnet.data.pairs import IMAGE_SHAPE, to_labels
 from pairnet.errors import PairnetError
 from pairnet.models import PairModel, model_from_spec
 from pairnet.stacking import meta_features
-from pairnet.train.loop import amp_dtype, autocast, pick_device
+from pairnet.train.loop import amp_dtype, autocast, pick_device, to_device
 
 WEIGHTS = "weights.safetensors"
 SPEC = "spec.json"
@@ -87,8 +87,7 @@ def _as_pairs(x) -> np.ndarray:
 def upload(xb: np.ndarray, device: torch.device) -> torch.Tensor:
     """One batch of pairs → float32 in [0, 1] on the device: the one host→device copy per
     batch (uint8 crosses the bus, a quarter of the float bytes; the scaling runs on the device)."""
-    xb = np.ascontiguousarray(xb, dtype=np.uint8)
-    return torch.from_numpy(xb).to(device, non_blocking=True).float().div_(255)
+    return to_device(torch.from_numpy(np.ascontiguousarray(xb, dtype=np.uint8)), device).float().div_(255)
 
 
 def _batches(x: np.ndarray, device: torch.device, size: int):
