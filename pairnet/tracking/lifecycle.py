@@ -95,6 +95,8 @@ def tracked_run(run_name: str, tags: dict, *, parent_run_id: str | None = None, 
     than FINISHED, with further signals ignored.
     """
     client = client or MlflowClient()
+    if description:  # the run's description in the UI, set with the other tags as the run opens
+        tags = {**tags, names.TAG_NOTE: description}
     active = experiment_id is None
     if active:
         run_id = start_or_attach(run_name, tags, parent_run_id=parent_run_id)
@@ -125,8 +127,6 @@ def tracked_run(run_name: str, tags: dict, *, parent_run_id: str | None = None, 
                     log.warning("could not end run %s %s: %s", run_id, status, err)
 
     try:
-        if description:
-            client.set_tag(run_id, names.TAG_NOTE, description)  # the run's description in the UI
         with sigterm_raises():
             yield handle
     except (KeyboardInterrupt, Terminated, *killed_by) as err:
