@@ -15,7 +15,6 @@ MEMBERS = "compare_cnn:1,improved_v2:2"
 
 
 def _stage3(tiny_data, experiment: str, *extra: str) -> int:
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # as in a fresh process (mlflow.set_experiment exports it)
     os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
     try:
         return main(["stage3", "--preset", "tiny", "--data-dir", str(tiny_data), "--members", MEMBERS, *extra])
