@@ -312,10 +312,21 @@ def _cmd_models(args) -> int:
         print("no registered pairnet models yet")
         return 0
     width = max(len(r["name"]) for r in rows)
-    print(f"{'name':{width}s}  version  aliases    val_acc")
+    # val_acc and the champion's figure at the gate were measured on the same val data (val data).
+    print(f"{'name':{width}s}  version  aliases    val_acc   val data          champion then")
     for r in rows:
-        print(f"{r['name']:{width}s}  {r['version']:7d}  {r['aliases'] or '-':9s}  {r['val_acc'] or '-'}")
+        champ = (f"{_short(r['champion_val_acc'])} {r['champion_compared']}" if r["champion_val_acc"] else "-")
+        print(f"{r['name']:{width}s}  {r['version']:7d}  {r['aliases'] or '-':9s}  {_short(r['val_acc']) or '-':8s}  "
+              f"{r['val_digest'] or '-':16s}  {champ}")
     return 0
+
+
+def _short(figure: str) -> str:
+    """A recorded figure to 4 decimals (tags hold 6)."""
+    try:
+        return f"{float(figure):.4f}"
+    except ValueError:
+        return figure
 
 
 def _cmd_promote(args) -> int:
@@ -374,7 +385,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--study-name", default="pairnet-lr-wd",
                    help="Optuna study; an existing one is continued (default pairnet-lr-wd)")
     p.add_argument("--storage", default="", help="an Optuna RDB URL (sqlite:///..., postgresql://user@host:5432/db) "
-                                                 "or a journal file path; default <data>/optuna.journal")
+                                                 "or a journal file path; default data/optuna.journal for the "
+                                                 "project's data folder, <state>/optuna/<folder>-<hash>.journal "
+                                                 "for any other")
     p.add_argument("--epochs", type=whole, default=0, help="epochs per trial (0: the preset's)")
     p.add_argument("--sampler-seed", type=whole, default=42, help="seed of the TPE sampler (default 42)")
     p.add_argument("--n-workers", type=whole, default=1,
@@ -490,11 +503,12 @@ def _add_runs(sub) -> None:
 def _cmd_pipeline(args) -> int:
     from pairnet.pipeline import PipelineRequest, run_pipeline
 
-    out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device, jobs=args.jobs))
+    out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
+                                       pretrain_data_dir=args.pretrain_data_dir or None))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"\n{'model':44s} {'ver':>4s} {'stage':8s} {'val acc':>8s} {'test_public acc':>16s}")
+    print(f"\n{'model':46s} {'ver':>4s} {'stage':8s} {'val acc':>8s} {'test_public acc':>16s}")
     for r in out["table"]:
-        print(f"{r['model']:44s} {r['version']:>4s} {r['stage']:8s} {fmt(r['val_acc']):>8s} "
+        print(f"{r['model']:46s} {r['version']:>4s} {r['stage']:8s} {fmt(r['val_acc']):>8s} "
               f"{fmt(r['test_public_acc']):>16s}")
     print("(stack val acc: 5-fold out-of-fold accuracy on val)")
     if out["reused"]:
@@ -511,7 +525,13 @@ def _cmd_pipeline(args) -> int:
 def _add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", help="the whole recipe: data, stages 1-3, stack, predict")
     p.add_argument("--preset", default="quick", help="tiny | quick (CPU, ~10 min) | full (GPU)")
-    p.add_argument("--data-dir", help="folder for the data (default: <project>/data; made if empty)")
+    p.add_argument("--data-dir", help="folder of pair files, yours or the default set (default: <project>/data, "
+                                      "where the default set is made if absent; any other folder must hold "
+                                      "train.npz and val.npz)")
+    p.add_argument("--pretrain-data-dir", default="",
+                   help="folder with digit labels the towers pretrain on (default: the data folder when its "
+                        "train.npz has digit labels, else the preset's default set in <project>/data/default/<size>, "
+                        "made once and shared by every data folder)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)

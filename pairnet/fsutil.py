@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pairnet.errors import PairnetError
+from pairnet.paths import folder_key, state_dir
 
 
 @contextlib.contextmanager
@@ -45,7 +46,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-LOCK_NAME = ".pairnet.lock"
+LOCK_SUFFIX = ".lock"
 _HELD: dict[str, int] = {}  # lock files this process holds, with a nesting count
 
 
@@ -98,12 +99,19 @@ def file_lock(path: str | Path, busy: str, wait_s: float = 0.0, note: str = "") 
 
 
 def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> contextlib.AbstractContextManager[None]:
-    """Hold an exclusive lock on ``folder`` (a ``.pairnet.lock`` file inside it).
+    """Hold an exclusive lock on ``folder``: a lock file in pairnet's state folder
+    (``<state>/locks/``, keyed by the folder's resolved path), never inside the folder itself,
+    which may be a user's data.
 
     ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` names the
     folder and what the caller wanted to do.
     """
     folder = Path(folder)
-    return file_lock(folder / LOCK_NAME, wait_s=wait_s, note=what,
+    return file_lock(lock_path(folder), wait_s=wait_s, note=f"{folder.resolve()}: {what}",
                      busy=f"{folder} is in use by another pairnet process (data being made or a pipeline step "
                           f"running); cannot {what} now — wait for it to finish")
+
+
+def lock_path(folder: str | Path) -> Path:
+    """The lock file that guards ``folder``."""
+    return state_dir() / "locks" / f"{folder_key(folder)}{LOCK_SUFFIX}"

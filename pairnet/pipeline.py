@@ -23,12 +23,14 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pairnet import names
-from pairnet.data.generate import FILES, GENERATOR_VERSION, LABELS_CSV, GenConfig, has_pair_files, make_dataset
+from pairnet.data.generate import (FILES, GENERATOR_VERSION, LABELS_CSV, GenConfig, check_may_fill, ensure_dataset,
+                                   has_pair_files, make_dataset)
 from pairnet.fsutil import folder_lock
-from pairnet.paths import PACKAGE_DIR
+from pairnet.paths import PACKAGE_DIR, default_set_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.lifecycle import experiment_url, tracked_run
+from pairnet.tracking.model import accuracy_on
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
 from pairnet.data.splits import check_data_dir, load_splits
 from pairnet.tracking.session import setup_tracking
@@ -79,6 +81,10 @@ class PipelineRequest:
     device: str = "auto"
     seed: int = 42  # dataset seed
     jobs: int = 1  # base models trained at once, each in its own worker process
+    # Where the pretrained towers learn to read digits: None = data_dir when its training file
+    # carries digit labels (the default set does), else the preset's default set in a folder of
+    # pairnet's own (paths.default_set_dir), made once and shared by every data folder.
+    pretrain_data_dir: str | None = None
 
 
 def code_version() -> str:
@@ -152,9 +158,32 @@ def run_pipeline(req: PipelineRequest) -> dict:
     preset = check_preset(req.preset)
     check_jobs(req.jobs)
     d = check_data_dir(req.data_dir)
+    if not has_pair_files(d):
+        check_may_fill(d)  # a mistyped folder fails before anything starts
+    if req.pretrain_data_dir:
+        check_data_dir(req.pretrain_data_dir)
     pick_device(req.device)  # an unusable device fails before anything starts
     with folder_lock(d, f"run the {req.preset} pipeline"):
         return _run_locked(req, preset, d)
+
+
+def pretrain_splits(req: PipelineRequest, preset: dict, splits):
+    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``)."""
+    if req.pretrain_data_dir:
+        return load_splits(req.pretrain_data_dir, req.preset)
+    if digit_labels(splits.train) is not None:
+        return splits
+    folder = default_set_dir(preset["data_size"])
+    gen = GenConfig(size=preset["data_size"], seed=req.seed)
+    # Byte-identical to the default set the main job makes in data/ (same seed, same bytes), so
+    # the pretrain step's key, which hashes the files, finds the tower that run registered.
+    if has_pair_files(folder) and not _meta_matches(folder, gen):
+        log.warning("%s holds an older default set: making the %s set again", folder, gen.size)
+        make_dataset(folder, gen, force=True)
+    ensure_dataset(folder, size=gen.size, seed=gen.seed, severity=gen.severity)
+    log.info("step pretrain: %s has no digit labels; the towers pretrain on the default %s set in %s",
+             splits.data_dir, gen.size, folder)
+    return load_splits(folder, req.preset)
 
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
@@ -169,24 +198,30 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
                      description=f"the whole recipe at preset {req.preset}: data, pretrain, stages 2-3, stack, "
                                  "predictions; finished steps are reused") as run:
         parent = run.run_id
-        mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code})
+        mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code,
+                           "pipeline.pretrain_data_dir": req.pretrain_data_dir or ""})
         # data
         gen = GenConfig(size=preset["data_size"], seed=req.seed)
         meta_ok = has_pair_files(d) and _meta_matches(d, gen)
         if meta_ok:
             log.info("step data: reused the %s dataset in %s", gen.size, d)
             reused.append("data")
+        elif has_pair_files(d):
+            log.info("step data: your pair files in %s (not the default set) are used as they are", d)
         else:
             _run_data_step(d, gen, parent)
         splits = load_splits(d, req.preset)
+        pre_splits = pretrain_splits(req, preset, splits)
 
-        # stage 0: pretrained towers, then the base models started from their champions
+        # stage 0: pretrained towers, then the base models started from the exact versions
+        # these steps registered or reused (not whichever version holds the alias now)
         pretrained = {}
         for variant in PRETRAIN[req.preset]:
-            row = _train_step("pretrain", variant, 42, None, req, splits, code, env, client, parent, reused)
+            row = _train_step("pretrain", variant, 42, None, req, pre_splits, code, env, client, parent, reused)
             rows.append(row)
-            champion = registry.champion_version(row["name"], client)
-            pretrained[variant] = f"models:/{champion.name}/{champion.version}"
+            pretrained[variant] = f"models:/{row['name']}/{row['version']}"
+            if pre_splits.data_dir != splits.data_dir:  # the tower on the user's data, untouched
+                rows.append(zero_shot_row(row, splits))
         trained = _train_steps([(stage, variant, seed, pretrained[init] if init else None)
                                 for stage, variant, seed, init in PLANS[req.preset]],
                                req, splits, code, env, client, parent, reused)
@@ -220,7 +255,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         else:
             _run_predict_step(f"models:/{registry.STACK_NAME}/{stack['version']}", d, pred_path, parent, key)
 
-        table = [{"model": r["name"] + ("" if r["init_from"] or r["stage"] == "pretrain" else " (from scratch)"),
+        table = [{"model": r["name"] + _suffix(r),
                   "version": r["version"], "stage": r["stage"], "val_acc": r["val_acc"],
                   "test_public_acc": r["test_public_acc"], "init_from": r["init_from"] or ""} for r in rows]
         table.append({"model": registry.STACK_NAME, "version": stack["version"], "stage": "stack",
@@ -232,6 +267,22 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         mlflow.set_tag("pairnet.reused_steps", ",".join(reused)[:5000])
     ui = experiment_url(uri, client.get_run(parent).info.experiment_id)
     return {"run_id": parent, "table": table, "reused": reused, "ui": ui, "predictions": str(pred_path)}
+
+
+def zero_shot_row(pretrained: dict, splits) -> dict:
+    """The pretrained tower judged on the pipeline's own val and test_public, untrained on them."""
+    uri = f"models:/{pretrained['name']}/{pretrained['version']}"
+    val = accuracy_on(uri, splits.val)
+    public = accuracy_on(uri, splits.public) if splits.public is not None else None
+    mlflow.log_metrics({f"zero_shot_val_acc_{pretrained['model']}": val,
+                        **({f"zero_shot_test_public_acc_{pretrained['model']}": public} if public is not None else {})})
+    return {**pretrained, "val_acc": val, "test_public_acc": public, "zero_shot": True}
+
+
+def _suffix(row: dict) -> str:
+    if row.get("zero_shot"):
+        return " (zero-shot)"
+    return "" if row["init_from"] or row["stage"] == "pretrain" else " (from scratch)"
 
 
 def train_key(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest,
@@ -323,10 +374,6 @@ def _meta_matches(d: Path, gen: GenConfig) -> bool:
 def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:
     from tqdm.auto import tqdm
 
-    if has_pair_files(d):
-        log.warning("step data: %s holds pair files that are not the %s default set; they are kept and used",
-                    d, gen.size)
-        return
     with tracked_run("pipeline/data", {names.TAG_STAGE: "data"}, parent_run_id=parent):
         with tqdm(total=4, desc="making data", unit="split", disable=None, leave=False) as bar:
             meta = make_dataset(d, gen, progress=lambda split: bar.update(1))

@@ -27,7 +27,7 @@ from pairnet.data.splits import check_data_dir, load_splits
 from pairnet.errors import PairnetError
 from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, make_lgbm, meta_features
 from pairnet.tracking import registry
-from pairnet.tracking.model import check_version, load_trusted
+from pairnet.tracking.model import accuracy_on, check_version, load_trusted
 from pairnet.tracking.session import setup_tracking
 from pairnet.train.metrics import accuracy
 
@@ -218,7 +218,8 @@ def run_stack(req: StackRequest) -> dict:
         decision = registry.register_and_gate(registry.STACK_NAME, version, cv_acc, parent, {
             "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
             "base_models": ",".join(b.key for b in bases)[:5000],
-        }, description=f"LightGBM over {', '.join(b.key for b in bases)}; data {digest}; "
+        }, val_digest=splits["val"].digest(), evaluate=lambda uri: accuracy_on(uri, splits["val"]),
+            description=f"LightGBM over {', '.join(b.key for b in bases)}; data {digest}; "
                        f"val acc = 5-fold out-of-fold accuracy on val",
             model_description="pairnet stack: a LightGBM meta-learner over registered pairnet base models; input "
                               "uint8 pairs (N, 28, 56), output columns label and probability.")

@@ -14,7 +14,8 @@ from pairnet import names
 from pairnet.data.splits import Splits, check_data_dir, load_splits
 from pairnet.models import create_model, model_from_spec
 from pairnet.models.pair import weights_digest
-from pairnet.models.transfer import copy_matching
+from pairnet.errors import PairnetError
+from pairnet.models.transfer import copy_matching, describe
 from pairnet.parallel import Member, check_jobs, member_device, report_failures, train_members
 from pairnet.presets import build_config, parse_members, warn_if_slow
 from pairnet.progress import EpochBar
@@ -116,6 +117,24 @@ def run_single(stage: str, req: StageRequest) -> dict:
                              resume_run_id=resume_target(req.resume, stage, cfg.model_name, cfg.seed))
 
 
+def check_members_fit(source: InitSource, members: list[tuple[str, int]], configs: list[TrainConfig]) -> None:
+    """One init_from serves only members whose tower it matches: the others are named in one
+    line with the members that can start from it, before any run opens."""
+    fits, misfits = [], []
+    for (variant, seed), cfg in zip(members, configs, strict=True):
+        try:
+            copy_matching(create_model(cfg.model_name, **cfg.model_overrides()), source.state,
+                          source_spec=source.spec, source=source.uri)
+            fits.append(f"{variant}:{seed}")
+        except PairnetError:
+            misfits.append(f"{variant}:{seed}")
+    if misfits:
+        can = f"--members {','.join(fits)}" if fits else "none of these members"
+        raise PairnetError(f"init_from {source.uri} ({describe(source.spec)}) does not fit the tower of "
+                           f"{', '.join(misfits)}; it can start {can}; the others need a tower pretrained with "
+                           "their own variant and width (pretrain -P model_name=...), or no init_from")
+
+
 def run_stage3(req: StageRequest) -> list[dict]:
     """One parent run; a nested child per (variant, seed) member, each registered."""
     members, _ = parse_members(req.members), check_jobs(req.jobs)
@@ -127,9 +146,7 @@ def run_stage3(req: StageRequest) -> list[dict]:
     source = None
     if configs[0].init_from:  # every member must match it: checked before any run opens
         source = fetch_init_source(configs[0].init_from)
-        for cfg in configs:
-            copy_matching(create_model(cfg.model_name, **cfg.model_overrides()), source.state,
-                          source_spec=source.spec, source=source.uri)
+        check_members_fit(source, members, configs)
     tags = {names.TAG_STAGE: "stage3", names.TAG_PRESET: req.preset, names.TAG_DATA_DIGEST: splits.digest()}
     with tracked_run("stage3/diversity", tags, description=f"stage3: {len(members)} members") as parent:
         mlflow.log_params({"run.preset": req.preset, "run.members": ",".join(f"{v}:{s}" for v, s in members),

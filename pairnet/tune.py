@@ -55,6 +55,7 @@ from pairnet.errors import PairnetError
 from pairnet.models import create_model
 from pairnet.serving import load_pair_dir, save_pair_dir
 from pairnet.paths import data_dir as default_data_dir
+from pairnet.paths import folder_key, is_own_data_dir, state_dir
 from pairnet.parallel import member_device, usable_cpus
 from pairnet.presets import build_config
 from pairnet.proc import ProcessId
@@ -64,7 +65,7 @@ from pairnet.models.transfer import copy_matching
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import fetch_init_source
 from pairnet.tracking.lifecycle import Terminated, sigterm_raises, signals_ignored, tracked_run
-from pairnet.tracking.model import log_pair_model
+from pairnet.tracking.model import accuracy_on, log_pair_model
 from pairnet.train.loop import Callback, fit, pick_device
 from pairnet.data.splits import load_splits
 from pairnet.tracking.session import setup_tracking
@@ -88,7 +89,7 @@ class TuneRequest:
     n_trials: int = 20  # finished (COMPLETE or PRUNED) trials this invocation adds
     timeout: float = 0.0  # seconds for this invocation; 0 = none
     study_name: str = "pairnet-lr-wd"
-    storage: str = ""  # RDB URL or journal file path; "" = <data>/optuna.journal (see storage_url)
+    storage: str = ""  # RDB URL or journal file path; "" = a journal file (see storage_url)
     epochs: int = 0  # per trial; 0 = the preset's
     sampler_seed: int = 42
     n_workers: int = 1
@@ -126,16 +127,23 @@ class TuneRequest:
     def storage_url(self) -> str:
         """An RDB URL (``scheme://...``) or the absolute path of an Optuna journal file.
 
-        The default is ``<data>/optuna.journal``; a data folder that holds only ``optuna.db``
-        (the default before the journal) keeps using it, so its studies continue.
+        The default is ``<data>/optuna.journal`` for the project's own data folder, and
+        ``<state>/optuna/<folder>-<hash>.journal`` for any other (pairnet writes nothing of its
+        own into a user's folder); a folder that already holds ``optuna.journal`` or only
+        ``optuna.db`` (the defaults before) keeps using it, so its studies continue.
         """
         if self.storage:
             return self.storage if "://" in self.storage else str(Path(self.storage).expanduser().resolve())
         d = Path(self.data_dir) if self.data_dir else default_data_dir()
-        d.mkdir(parents=True, exist_ok=True)
         if (d / LEGACY_DB).exists() and not (d / JOURNAL).exists():
             return f"sqlite:///{(d / LEGACY_DB).resolve()}"
-        return str((d / JOURNAL).resolve())
+        if (d / JOURNAL).exists() or is_own_data_dir(d):
+            d.mkdir(parents=True, exist_ok=True)
+            return str((d / JOURNAL).resolve())
+        # A user's folder: the study lives in pairnet's state folder, one journal per data folder.
+        folder = state_dir() / "optuna"
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder / f"{folder_key(d)}.journal")
 
 
 def _whole(name: str, value, low: int) -> None:
@@ -597,7 +605,8 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     version = str(info.registered_model_version)
     decision = registry.register_and_gate(name, version, best.value, trial_run, {
         "stage": "tune", "model": req.model_name, "optuna_study": study.study_name, "optuna_trial": best.number,
-        "optuna_trial_run": trial_run})
+        "optuna_trial_run": trial_run},
+        val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val))
     mlflow.set_tag(names.TAG_BEST_MODEL, f"models:/{name}/{version}")
     summary.update(registered=name, version=version, promoted=decision.promoted)
     return summary

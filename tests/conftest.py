@@ -8,11 +8,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # No path in pairnet may unpickle a model: MLflow refuses pickled pyfuncs with this set,
 # and every subprocess the tests start (mlflow run, pairnet ...) inherits it.
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+# pairnet's state (folder locks, Optuna journals of user folders) in a folder of the session's,
+# not in the checkout's data/state; subprocesses inherit it.
+os.environ["PAIRNET_STATE_DIR"] = tempfile.mkdtemp(prefix="pairnet-state-")
 
 import pytest
 
@@ -132,6 +136,7 @@ JOURNEY_EXPERIMENT = "it-journey"
 def pipeline_runs(mlflow_server, tmp_path_factory):
     data = tmp_path_factory.mktemp("journey_data")  # empty: the pipeline makes the data itself
     env = user_env(mlflow_server, JOURNEY_EXPERIMENT)
+    env["PAIRNET_DATA_DIR"] = str(data)  # the project's own data folder, as data/ is for a user
     first = mlflow_run("pipeline", {"preset": "tiny", "data_dir": data}, env)
     assert first.returncode == 0, first.stderr[-3000:]
     second = mlflow_run("pipeline", {"preset": "tiny", "data_dir": data}, env)

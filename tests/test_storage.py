@@ -11,6 +11,7 @@ import pytest
 
 from pairnet import dburl
 from pairnet.errors import PairnetError
+from pairnet.paths import folder_key
 from pairnet.proc import ProcessId
 from pairnet.tune import PROCESS_ATTR, JournalStudyStorage, TuneRequest, open_storage
 
@@ -35,12 +36,19 @@ def test_postgresql_without_a_driver_says_what_to_install(monkeypatch):
 
 
 def test_default_storage_is_a_journal_unless_only_the_old_database_exists(tmp_path, monkeypatch):
-    req = TuneRequest(data_dir=str(tmp_path))
-    assert req.storage_url() == str(tmp_path / "optuna.journal")
-    (tmp_path / "optuna.db").touch()  # studies from before the journal continue where they are
-    assert req.storage_url() == f"sqlite:///{tmp_path / 'optuna.db'}"
-    (tmp_path / "optuna.journal").touch()
-    assert req.storage_url() == str(tmp_path / "optuna.journal")
+    own, user = tmp_path / "data", tmp_path / "mine"
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(own))
+    monkeypatch.setenv("PAIRNET_STATE_DIR", str(tmp_path / "state"))
+    assert TuneRequest(data_dir=str(own)).storage_url() == str(own / "optuna.journal")
+    # A user's folder gets nothing of pairnet's: its journal lives in the state folder.
+    journal = TuneRequest(data_dir=str(user)).storage_url()
+    assert journal == str(tmp_path / "state" / "optuna" / f"{folder_key(user)}.journal")
+    assert journal != TuneRequest(data_dir=str(tmp_path / "other")).storage_url() and not user.exists()
+    user.mkdir()
+    (user / "optuna.db").touch()  # studies from before the journal continue where they are
+    assert TuneRequest(data_dir=str(user)).storage_url() == f"sqlite:///{user / 'optuna.db'}"
+    (user / "optuna.journal").touch()
+    assert TuneRequest(data_dir=str(user)).storage_url() == str(user / "optuna.journal")
     monkeypatch.chdir(tmp_path)
     assert TuneRequest(storage="mine.journal").storage_url() == str(tmp_path / "mine.journal")
 

@@ -13,6 +13,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from conftest import mlflow_run, user_env
+from pairnet.paths import folder_key, state_dir
 
 pytestmark = pytest.mark.integration
 
@@ -59,9 +60,9 @@ def test_tune_nested_trials_resumable_study(mlflow_server, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("where", ["sqlite", "default"])
 def test_two_workers_share_one_study(mlflow_server, tiny_data, tmp_path, where):
-    if where == "default":  # no --storage: the journal file <data>/optuna.journal, in a data folder of its own
+    if where == "default":  # no --storage: a journal file of the data folder's, in pairnet's state folder
         data = shutil.copytree(tiny_data, tmp_path / "data")
-        storage, given = str(data / "optuna.journal"), []
+        storage, given = str(state_dir() / "optuna" / f"{folder_key(data)}.journal"), []
     else:
         data = tiny_data
         storage = f"sqlite:///{tmp_path / 'optuna.db'}"

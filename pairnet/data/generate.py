@@ -29,6 +29,7 @@ from pairnet.data.pairs import PairSet, save_pairs, write_labels_csv
 from pairnet.data.profile import REAL_PROFILE, compare, profile, real_profile
 from pairnet.errors import PairnetError
 from pairnet.fsutil import folder_lock, write_text
+from pairnet.paths import is_own_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,7 @@ def make_dataset(out: str | Path, cfg: GenConfig, progress=None, *, force: bool 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PairnetError(f"{out} is a file, not a folder; give a folder for the pair files")
+    out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "make a dataset there"):
         present = existing_data_files(out)
         if present and not force:
@@ -389,8 +391,19 @@ def has_pair_files(data_dir: str | Path) -> bool:
     return (d / FILES["train"]).exists() and (d / FILES["val"]).exists()
 
 
+def check_may_fill(d: Path) -> None:
+    """Only pairnet's own data folders are filled with the default set unasked: any other
+    folder without pair files is most likely a mistyped path, refused in one line."""
+    if not is_own_data_dir(d):
+        raise PairnetError(f"{d} holds no pair files (train.npz and val.npz): check the path; to put the "
+                           f"default set there on purpose, run `pairnet data make --out {d}`")
+
+
 def ensure_dataset(data_dir: str | Path, size: str = "quick", seed: int = 42, severity: int = 6) -> bool:
     """Make the default set in ``data_dir`` when it holds no pair files at all; True if made.
+
+    Only the project's own data folder (or one of its default-set folders, see
+    ``pairnet.paths``) is filled unasked; any other folder without pair files is refused.
 
     A folder with some of the files (say train.npz but no val.npz) is a user's partial
     data, not an empty folder: it is refused in one line and nothing is written.
@@ -409,6 +422,7 @@ def ensure_dataset(data_dir: str | Path, size: str = "quick", seed: int = 42, se
             missing = [n for n in (FILES["train"], FILES["val"]) if not (d / n).exists()]
             raise PairnetError(f"{d} holds {', '.join(present)} but no {' or '.join(missing)}: add the missing "
                                f"file(s), or make a fresh default set with `pairnet data make --out {d} --force`")
+        check_may_fill(d)
         log.warning("no pair files in %s: making the default %s dataset there (seed %d)", d, size, seed)
         make_dataset(d, GenConfig(size=size, seed=seed, severity=severity))
     return True

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from pairnet import names
-from pairnet.data.pairs import IMAGE_SHAPE
+from pairnet.data.pairs import IMAGE_SHAPE, to_labels
 from pairnet.errors import PairnetError
 from pairnet.models.pair import PairModel
 from pairnet.serving import PairPredictor, StackPredictor, save_pair_dir
@@ -136,3 +136,11 @@ def copy_model_artifacts(uri: str, dst: Path, client: MlflowClient | None = None
         for name in (WEIGHTS, SPEC):
             shutil.copy2(art / name, dst / name)
     return dst
+
+
+def accuracy_on(uri: str, pairs, client: MlflowClient | None = None) -> float:
+    """Accuracy of a registered pairnet model (a pair model or the stack) on labelled pairs:
+    how the champion gate measures a champion on another version's val data."""
+    model = load_trusted(uri, client)
+    prob = model.probabilities(pairs.x) if isinstance(model, StackPredictor) else model.predict(pairs.x)
+    return float((to_labels(prob) == np.asarray(pairs.y)).mean())

@@ -1,5 +1,6 @@
 """Model registry: ``pairnet-<variant>`` names, val metrics as version tags, and the
-``champion`` alias moved only when a new version beats the champion's val accuracy."""
+``champion`` alias moved only when a new version beats the champion's val accuracy measured
+on the same val data (a champion judged on other data is evaluated on the new one first)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def registered_name(variant: str, seed: int | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
 
 
+# Model-version tags of the gate: what each figure was measured on.
+VAL_DIGEST = "val_digest"  # digest of the val data val_acc was measured on
+CHAMPION_VAL_ACC = "champion_val_acc"  # the champion's accuracy on this version's val data, at the gate
+CHAMPION_COMPARED = "champion_compared"  # the champion version it was compared with
+ON_VAL = "val_acc_on."  # + digest: a version's accuracy on other val data, measured by a gate
+
+
 @dataclass
 class GateDecision:
     name: str
@@ -35,51 +43,89 @@ class GateDecision:
     new_val_acc: float
     champion_val_acc: float | None
     champion_version: str | None
+    measured: str = "recorded"  # how champion_val_acc was had: recorded on the version, or evaluated now
+
+
+def champion_figure(current, val_digest: str, evaluate, metric: str, client: MlflowClient) -> tuple[float, str]:
+    """The champion's accuracy on the val data with ``val_digest``: its own recorded figure when it
+    was measured on that data, a figure an earlier gate measured there, or evaluated now with
+    ``evaluate(models:/name/version)`` and recorded on the champion (``val_acc_on.<digest>``).
+    NaN when none can be had (no digest and no evaluator)."""
+    tags = current.tags or {}
+    if val_digest and tags.get(VAL_DIGEST) == val_digest:
+        return _float(tags.get(metric)), "recorded"
+    if val_digest and ON_VAL + val_digest in tags:
+        return _float(tags[ON_VAL + val_digest]), "recorded at an earlier gate"
+    if not val_digest or evaluate is None:
+        # No like-for-like figure: the old behaviour, the champion's own figure.
+        return _float(tags.get(metric)), "recorded on other data"
+    uri = f"models:/{current.name}/{current.version}"
+    try:
+        acc = float(evaluate(uri))
+    except (PairnetError, MlflowException, OSError) as err:
+        log.warning("champion %s could not be evaluated on the new val data (%s); the new version is promoted",
+                    uri, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return float("nan"), "unloadable"
+    client.set_model_version_tag(current.name, current.version, ON_VAL + val_digest, f"{acc:.6f}")
+    return acc, "evaluated on this val data"
+
+
+def _float(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def champion_gate(name: str, version: str, val_acc: float, metric: str = "val_acc",
-                  client: MlflowClient | None = None) -> GateDecision:
-    """Point ``champion`` at ``version`` iff it beats the current champion (or none exists)."""
+                  client: MlflowClient | None = None, *, val_digest: str = "", evaluate=None) -> GateDecision:
+    """Point ``champion`` at ``version`` iff it beats the current champion (or none exists),
+    both measured on the same val data (``val_digest``): a champion judged on other data is
+    first evaluated on this one with ``evaluate``, a callable ``models:/name/version -> accuracy``."""
     client = client or MlflowClient()
     current = champion_version(name, client)
-    old_acc = None
-    if current is not None:
-        try:
-            old_acc = float(current.tags.get(metric, "nan"))
-        except ValueError:
-            old_acc = float("nan")
-    promoted = current is None or not (old_acc == old_acc) or val_acc > old_acc
+    old_acc, measured = None, "none"
+    if current is not None and str(current.version) != str(version):
+        old_acc, measured = champion_figure(current, val_digest, evaluate, metric, client)
+    promoted = current is None or old_acc is None or not (old_acc == old_acc) or val_acc > old_acc
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     decision = GateDecision(name, str(version), promoted, val_acc, old_acc,
-                            current.version if current is not None else None)
-    log.info("%s v%s: val acc %.4f vs champion %s → %s", name, version, val_acc,
-             "none" if old_acc is None else f"{old_acc:.4f}", "promoted" if promoted else "kept")
+                            current.version if current is not None else None, measured)
+    log.info("%s v%s: val acc %.4f vs champion %s (%s) → %s", name, version, val_acc,
+             "none" if old_acc is None else f"v{current.version} {old_acc:.4f}", measured,
+             "promoted" if promoted else "kept")
     return decision
 
 
 def register_and_gate(name: str, version: str, val_acc: float, run_id: str, tags: dict,
                       client: MlflowClient | None = None, *, description: str = "",
-                      model_description: str = "") -> GateDecision:
-    """The one path after a version is registered: tag it (``val_acc``, ``run_id`` — the run
-    that made the model — and ``tags``), move ``champion`` only if it wins, and record the
+                      model_description: str = "", val_digest: str = "", evaluate=None) -> GateDecision:
+    """The one path after a version is registered: tag it (``val_acc``, ``val_digest`` — the val
+    data it was measured on —, ``run_id`` — the run that made the model — and ``tags``), move
+    ``champion`` only if it beats the champion on the same val data (see ``champion_gate``), and
+    record the comparison on the version (``champion_val_acc``, ``champion_compared``) and the
     decision on the active run (tags ``pairnet.champion_decision``/``pairnet.model_version``,
     metrics ``champion_promoted`` and ``champion_val_acc_before``)."""
     import mlflow
 
     client = client or MlflowClient()
-    tag_version(name, version, {"val_acc": f"{val_acc:.6f}", "run_id": run_id, **tags}, client)
+    tag_version(name, version, {"val_acc": f"{val_acc:.6f}", "run_id": run_id,
+                                **({VAL_DIGEST: val_digest} if val_digest else {}), **tags}, client)
     # Descriptions the registry UI shows: what the model is (set once, a user's edit is kept)
     # and what this version is.
     if description:
         client.update_model_version(name, str(version), description=f"{description}; val acc {val_acc:.4f}")
     if model_description and not client.get_registered_model(name).description:
         client.update_registered_model(name, description=model_description)
-    decision = champion_gate(name, version, val_acc, client=client)
+    decision = champion_gate(name, version, val_acc, client=client, val_digest=val_digest, evaluate=evaluate)
+    if decision.champion_version is not None and decision.champion_val_acc is not None:
+        tag_version(name, version, {CHAMPION_VAL_ACC: f"{decision.champion_val_acc:.6f}",
+                                    CHAMPION_COMPARED: f"v{decision.champion_version} ({decision.measured})"}, client)
     mlflow.set_tags({names.TAG_CHAMPION_DECISION: "promoted" if decision.promoted else "kept",
                      names.TAG_MODEL_VERSION: str(version)})
     mlflow.log_metric("champion_promoted", float(decision.promoted))
-    if decision.champion_val_acc is not None:
+    if decision.champion_val_acc is not None and decision.champion_val_acc == decision.champion_val_acc:
         mlflow.log_metric("champion_val_acc_before", decision.champion_val_acc)
     return decision
 
@@ -110,7 +156,9 @@ def list_registered(prefix: str = PREFIX, client: MlflowClient | None = None) ->
             rows.append({
                 "name": rm.name, "version": int(mv.version),
                 "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                "val_acc": mv.tags.get("val_acc", ""), "run_id": mv.run_id,
+                "val_acc": mv.tags.get("val_acc", ""), "val_digest": mv.tags.get(VAL_DIGEST, ""),
+                "champion_val_acc": mv.tags.get(CHAMPION_VAL_ACC, ""),
+                "champion_compared": mv.tags.get(CHAMPION_COMPARED, ""), "run_id": mv.run_id,
             })
     return sorted(rows, key=lambda r: (r["name"], r["version"]))
 

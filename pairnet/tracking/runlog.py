@@ -19,7 +19,7 @@ from pairnet.data.splits import Splits
 from pairnet.paths import project_root
 from pairnet.tracking import registry
 from pairnet.tracking.callback import final_metrics
-from pairnet.tracking.model import log_pair_model
+from pairnet.tracking.model import accuracy_on, log_pair_model
 from pairnet.train.config import TrainConfig
 from pairnet.train.loop import FitResult, amp_dtype, evaluate, predict_logits
 
@@ -102,7 +102,8 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
         "val_auc": f"{final['val_auc']:.6f}", "stage": stage, "model": cfg.model_name, "seed": cfg.seed,
         **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
-    }, description=(f"{stage} {cfg.model_name} seed {cfg.seed}, trained on data {splits.digest()}"
+    }, val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val),
+        description=(f"{stage} {cfg.model_name} seed {cfg.seed}, trained on data {splits.digest()}"
                     + (f" from {init_uri}" if init_uri else "") + f" (run {run_id})"),
         model_description=(f"pairnet {cfg.model_name}: a siamese CNN saying whether the left digit of a pair is "
                            "greater than the right one; input uint8 pairs (N, 28, 56), output P(label 1)."))
