@@ -1,0 +1,153 @@
+"""A user's own folder of pairs without digit labels: the pipeline end to end (pretraining on
+the default set kept in pairnet's own folder, fine-tuning from that exact version), a champion
+gate that compares figures measured on the same val data, and one-line refusals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pairnet.cli import main
+from pairnet.data.generate import GenConfig, make_dataset
+from pairnet.data.pairs import load_pairs, write_npz
+from pairnet.paths import default_set_dir
+from pairnet.pipeline import PipelineRequest, run_pipeline
+from pairnet.presets import PRESETS
+from pairnet.tracking.model import accuracy_on
+from pairnet.tracking.registry import champion_version, promote
+
+pytestmark = pytest.mark.integration
+
+TOWER = "pairnet-pretrain-resnet_optimized"
+STEPS = {"pretrain/resnet_optimized/seed42", "stage2/resnet_optimized/seed42", "stage3/resnet_fusion/seed42",
+         "stage2/resnet_optimized/seed42/scratch", "stack", "predict"}
+
+
+def user_folder(dst: Path, seed: int) -> Path:
+    """A folder in the course format as users bring it: x, y and id only (no digit arrays)."""
+    src = dst.parent / f"{dst.name}-made"
+    make_dataset(src, GenConfig(size="tiny", seed=seed))
+    dst.mkdir()
+    for f in src.glob("*.npz"):
+        with np.load(f, allow_pickle=False) as z:
+            write_npz(dst / f.name, {k: z[k] for k in z.files if k in ("x", "y", "id")})
+    (dst / "test_public_labels.csv").write_bytes((src / "test_public_labels.csv").read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def user_run(mlflow_server, tmp_path_factory):
+    """The tiny pipeline on a digitless folder, then again unchanged; pairnet's own data folder
+    (where the default set for pretraining goes) is a temporary one."""
+    root = tmp_path_factory.mktemp("realdata")
+    user = user_folder(root / "mine", seed=11)
+    before = sorted(p.name for p in user.iterdir())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAIRNET_DATA_DIR", str(root / "own"))
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "it-realdata")
+        first = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu"))
+        second = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu"))
+        yield {"root": root, "user": user, "before": before, "first": first, "second": second, "mp": mp}
+
+
+def _children(parent: str):
+    client = MlflowClient()
+    run = client.get_run(parent)
+    return client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_a_digitless_folder_runs_end_to_end_from_a_tower_pretrained_on_the_default_set(user_run):
+    first, user, root = user_run["first"], user_run["user"], user_run["root"]
+    children = {c.data.tags["pairnet.stage"]: c for c in _children(first["run_id"])}
+    pre = children["pretrain"]
+    own = root / "own" / "default" / "tiny"
+    assert Path(pre.data.params["data.dir"]).resolve() == own.resolve() == default_set_dir("tiny").resolve()
+    assert "digit_a" in load_pairs(own / "train.npz").extras  # the tower learned digits there
+    version = pre.data.tags["pairnet.model_version"]
+    rows = {r["model"]: r for r in first["table"]}
+    # The ladder: the tower on the user's data before any fine-tuning, then the fine-tuned models.
+    zero = rows[f"{TOWER} (zero-shot)"]
+    assert zero["version"] == version
+    assert zero["val_acc"] == pytest.approx(accuracy_on(f"models:/{TOWER}/{version}", load_pairs(user / "val.npz")))
+    finetuned = [c for c in _children(first["run_id"]) if c.data.tags.get("pairnet.init_from")]
+    assert len(finetuned) == 2
+    assert {c.data.tags["pairnet.init_from"] for c in finetuned} == {f"models:/{TOWER}/{version}"}
+    assert all(c.data.params["data.dir"] == str(user) for c in finetuned)
+    assert all(c.data.params["cfg.aux_digit_weight"] == "0.0" for c in finetuned)  # no digits there
+    # Nothing of pairnet's lands in the user's folder but the predictions it asked for.
+    assert sorted(p.name for p in user.iterdir()) == sorted(user_run["before"] + ["predictions_private.csv"])
+
+
+def test_a_rerun_on_the_folder_reuses_every_step(user_run):
+    second = user_run["second"]
+    assert set(second["reused"]) == STEPS
+    assert not [c for c in _children(second["run_id"]) if c.data.tags["pairnet.stage"] != "data"]
+
+
+def test_finetuning_starts_from_the_exact_pretrained_version_not_the_alias(user_run, tiny_data):
+    """Another tower version holds @champion; a rerun whose fine-tuning changed still starts
+    from the version its own pretrain step reused."""
+    from pairnet.stages import StageRequest, run_single
+
+    mp, user = user_run["mp"], user_run["user"]
+    pre = next(c for c in _children(user_run["first"]["run_id"]) if c.data.tags["pairnet.stage"] == "pretrain")
+    ours = pre.data.tags["pairnet.model_version"]
+    other = run_single("pretrain", StageRequest(preset="tiny", data_dir=str(tiny_data),
+                                                explicit={"model_name": "resnet_optimized", "seed": 9}))
+    promote(TOWER, other["version"])
+    assert champion_version(TOWER).version == other["version"] != ours
+    mp.setitem(PRESETS["tiny"], "finetune", {**PRESETS["tiny"]["finetune"], "label_smoothing": 0.05})
+    third = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu"))
+    assert "pretrain/resnet_optimized/seed42" in third["reused"]
+    rerun = [c for c in _children(third["run_id"]) if c.data.tags.get("pairnet.init_from")]
+    assert len(rerun) == 2 and {c.data.tags["pairnet.init_from"] for c in rerun} == {f"models:/{TOWER}/{ours}"}
+
+
+def test_the_champion_gate_compares_on_the_new_versions_val_data(mlflow_server, tiny_data, tmp_path):
+    """A model trained on data A is champion; a model trained on data B is judged against the
+    champion's accuracy on B's val, measured at the gate and recorded on both versions."""
+    name = "pairnet-compare_cnn-seed77"
+    other = user_folder(tmp_path / "b", seed=12)
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = "it-fair-gate"
+    try:
+        for d in (tiny_data, other):
+            assert main(["stage3", "--preset", "tiny", "--data-dir", str(d), "--members", "compare_cnn:77"]) == 0
+    finally:
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME")
+    client = MlflowClient()
+    first, second = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))[-2:]
+    val_b = load_pairs(other / "val.npz")
+    assert first.tags["val_digest"] == load_pairs(tiny_data / "val.npz").digest()
+    assert second.tags["val_digest"] == val_b.digest() != first.tags["val_digest"]
+    champ = client.get_model_version(name, first.version)  # champion when the second was gated
+    on_b = accuracy_on(f"models:/{name}/{first.version}", val_b)
+    assert float(champ.tags[f"val_acc_on.{val_b.digest()}"]) == pytest.approx(on_b, abs=1e-6)
+    assert float(second.tags["champion_val_acc"]) == pytest.approx(on_b, abs=1e-6)
+    assert second.tags["champion_compared"] == f"v{first.version} (evaluated on this val data)"
+    promoted = float(second.tags["val_acc"]) > on_b
+    assert champion_version(name).version == (second.version if promoted else first.version)
+    decision = client.get_run(second.run_id).data.tags["pairnet.champion_decision"]
+    assert decision == ("promoted" if promoted else "kept")
+
+
+def test_a_mistyped_data_folder_is_one_line_and_nothing_is_made(mlflow_server, tmp_path, capsys):
+    typo = tmp_path / "dta"
+    assert main(["stage2", "--preset", "tiny", "--data-dir", str(typo), "--model-name", "compare_cnn"]) == 2
+    assert main(["pipeline", "--preset", "tiny", "--data-dir", str(typo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(f"{typo} holds no pair files" in line for line in err)
+    assert not typo.exists()
+
+
+def test_one_init_from_names_the_stage3_members_it_fits(user_run, capsys):
+    pre = next(c for c in _children(user_run["first"]["run_id"]) if c.data.tags["pairnet.stage"] == "pretrain")
+    uri = f"models:/{TOWER}/{pre.data.tags['pairnet.model_version']}"
+    code = main(["stage3", "--preset", "tiny", "--data-dir", str(user_run["user"]), "--init-from", uri,
+                 "--members", "resnet_fusion:1,compare_cnn:2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "does not fit the tower of compare_cnn:2" in err and "--members resnet_fusion:1" in err
