@@ -32,7 +32,7 @@ from pairnet.tracking import registry
 from pairnet.tracking.lifecycle import experiment_url, tracked_run
 from pairnet.tracking.model import accuracy_on
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
-from pairnet.data.splits import check_data_dir, load_splits
+from pairnet.data.splits import check_data_dir, load_splits, preset_data_dir
 from pairnet.tracking.session import setup_tracking
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def run_pipeline(req: PipelineRequest) -> dict:
 
     preset = check_preset(req.preset)
     check_jobs(req.jobs)
-    d = check_data_dir(req.data_dir)
+    d = preset_data_dir(check_data_dir(req.data_dir), req.preset)
     if not has_pair_files(d):
         check_may_fill(d)  # a mistyped folder fails before anything starts
     if req.pretrain_data_dir:

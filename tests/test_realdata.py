@@ -5,6 +5,7 @@ gate that compares figures measured on the same val data, and one-line refusals.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,18 @@ def test_one_init_from_names_the_stage3_members_it_fits(user_run, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "does not fit the tower of compare_cnn:2" in err and "--members resnet_fusion:1" in err
+
+
+def test_the_project_data_folder_holding_another_presets_set_gives_way_to_that_presets_folder(tmp_path,
+                                                                                                monkeypatch):
+    from pairnet.data.splits import preset_data_dir
+
+    own = tmp_path / "data"
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(own))
+    own.mkdir()
+    (own / "meta.json").write_text('{"size": "quick", "seed": 42}')  # what the quick main job leaves
+    assert preset_data_dir(own, "quick") == own
+    assert preset_data_dir(own, "full") == default_set_dir("full") == own.resolve() / "default" / "full"
+    mine = tmp_path / "mine"
+    shutil.copytree(own, mine)  # a folder of the user's is never swapped
+    assert preset_data_dir(mine, "full") == mine

@@ -3,6 +3,8 @@ loaded and checked, with the default set made when the folder has no pair files 
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +12,10 @@ from pairnet.data.generate import FILES, LABELS_CSV, ensure_dataset
 from pairnet.data.pairs import PairSet, load_pairs
 from pairnet.errors import PairnetError
 from pairnet.paths import data_dir as default_data_dir
+from pairnet.paths import default_set_dir
 from pairnet.presets import check_preset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,9 +37,27 @@ def check_data_dir(data_dir: str | Path | None) -> Path:
     return d
 
 
+def preset_data_dir(d: Path, preset: str) -> Path:
+    """The folder a preset trains on: ``d``, except that the project's own data folder holding
+    the default set of another size (the quick set the main job left there, under the full
+    preset) gives way to the preset's own default-set folder, ``data/default/<size>``."""
+    if d.resolve() != default_data_dir().resolve():
+        return d
+    try:
+        made = json.loads((d / "meta.json").read_text()).get("size")
+    except (OSError, ValueError, AttributeError):
+        return d
+    want = check_preset(preset)["data_size"]
+    if made in (None, want):
+        return d
+    log.info("%s holds the %s default set; preset %s trains on the %s set in %s", d, made, preset, want,
+             default_set_dir(want))
+    return default_set_dir(want)
+
+
 def load_splits(data_dir: str | Path | None, preset: str) -> Splits:
     """Train/val (and labelled public test, when present); make the default set if absent."""
-    d = check_data_dir(data_dir)
+    d = preset_data_dir(check_data_dir(data_dir), preset)
     ensure_dataset(d, size=check_preset(preset)["data_size"])  # says so when it makes one
     train, val = load_pairs(d / FILES["train"]), load_pairs(d / FILES["val"])
     train.require_labels(), val.require_labels()
