@@ -4,7 +4,7 @@ registry meet here. Entry points and the CLI call these functions."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlflow
 import numpy as np
@@ -22,7 +22,7 @@ from pairnet.progress import EpochBar
 from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.checkpoints import download_checkpoint, local_checkpoint, resume_target
-from pairnet.tracking.init_from import InitSource, fetch_init_source
+from pairnet.tracking.init_from import PRETRAINED, InitSource, fetch_init_source, find_pretrained
 from pairnet.tracking.lifecycle import tracked_run
 from pairnet.tracking.runlog import git_commit, log_outcome, log_start
 from pairnet.tracking.session import setup_tracking
@@ -71,7 +71,11 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
              "run.amp_dtype": str(amp_dtype(cfg.amp, dev)), "run.init_weights_digest": weights_digest(model),
              "run.world_size": me.world, **({"run.resumed_from": resume_run_id} if resume else {})}
     if cfg.init_from and not resume:  # a resumed run already holds the fine-tuned weights
-        source = init_source or fetch_init_source(cfg.init_from)
+        if cfg.init_from == PRETRAINED:  # the exact version found is what the run logs
+            source = find_pretrained(model, preset)
+            cfg = replace(cfg, init_from=source.uri)
+        else:
+            source = init_source or fetch_init_source(cfg.init_from)
         extra.update(copy_matching(model, source.state, source_spec=source.spec, source=source.uri).as_params())
         tags.update({names.TAG_INIT_FROM: source.uri, names.TAG_INIT_FROM_RUN: source.run_id})
     origin = f"fine-tuned from {tags[names.TAG_INIT_FROM]}" if names.TAG_INIT_FROM in tags else "from scratch"
@@ -91,7 +95,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
                      checkpoint_path=ckpt, resume=resume)
         distributed.log_final_weights(me, weights_digest(model))
         return log_outcome(model, result, cfg, splits, dev, stage=stage, registered=registered, run_id=run.run_id,
-                           val_dataset=val_dataset, init_uri=tags.get(names.TAG_INIT_FROM))
+                           val_dataset=val_dataset, init_uri=tags.get(names.TAG_INIT_FROM), preset=preset)
 
 
 def registered_for(stage: str, variant: str, seed: int | None = None) -> str:
@@ -144,7 +148,7 @@ def run_stage3(req: StageRequest) -> list[dict]:
     setup_tracking()
     splits = load_splits(req.data_dir, req.preset)
     source = None
-    if configs[0].init_from:  # every member must match it: checked before any run opens
+    if configs[0].init_from and configs[0].init_from != PRETRAINED:  # every member must fit it: checked first
         source = fetch_init_source(configs[0].init_from)
         check_members_fit(source, members, configs)
     tags = {names.TAG_STAGE: "stage3", names.TAG_PRESET: req.preset, names.TAG_DATA_DIGEST: splits.digest()}

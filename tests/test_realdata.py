@@ -167,3 +167,26 @@ def test_the_project_data_folder_holding_another_presets_set_gives_way_to_that_p
     mine = tmp_path / "mine"
     shutil.copytree(own, mine)  # a folder of the user's is never swapped
     assert preset_data_dir(mine, "full") == mine
+
+
+def test_init_from_pretrained_finds_the_tower_of_the_runs_preset(user_run, capsys):
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = "it-realdata"
+    try:
+        out = main(["stage2", "--preset", "tiny", "--data-dir", str(user_run["user"]),
+                              "--model-name", "resnet_fusion", "--init-from", "pretrained"])
+        assert out == 0
+        # No tower was pretrained at quick in this session: one line says how to make one.
+        assert main(["stage2", "--preset", "quick", "--data-dir", str(user_run["user"]),
+                               "--model-name", "resnet_fusion", "--init-from", "pretrained"]) == 2
+    finally:
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME")
+    err = capsys.readouterr().err
+    assert "init_from=pretrained: no pretrained tower of preset quick fits" in err
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("it-realdata").experiment_id],
+                                filter_string="tags.`pairnet.model` = 'resnet_fusion' and "
+                                              "tags.`pairnet.stage` = 'stage2'")
+    uri = run.data.tags["pairnet.init_from"]
+    assert uri.startswith(f"models:/{TOWER}/") and run.data.params["cfg.init_from"] == uri
+    name, version = uri.removeprefix("models:/").split("/")
+    assert client.get_model_version(name, version).tags["preset"] == "tiny"

@@ -19,6 +19,7 @@ from pairnet.data.splits import Splits
 from pairnet.paths import project_root
 from pairnet.tracking import registry
 from pairnet.tracking.callback import final_metrics
+from pairnet.tracking.init_from import PRESET_TAG
 from pairnet.tracking.model import accuracy_on, log_pair_model
 from pairnet.train.config import TrainConfig
 from pairnet.train.loop import FitResult, amp_dtype, evaluate, predict_logits
@@ -71,7 +72,7 @@ def fusion_ablation(model, val, dev, cfg: TrainConfig) -> dict[str, float]:
 
 
 def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev, *, stage: str, registered: str,
-                run_id: str, val_dataset=None, init_uri: str | None = None) -> dict:
+                run_id: str, val_dataset=None, init_uri: str | None = None, preset: str = "") -> dict:
     from pairnet import plots
 
     final = dict(result.final)
@@ -100,6 +101,7 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
     val_acc = float(final[names.VAL_ACC])
     decision = registry.register_and_gate(registered, version, val_acc, run_id, {
         "val_auc": f"{final['val_auc']:.6f}", "stage": stage, "model": cfg.model_name, "seed": cfg.seed,
+        **({PRESET_TAG: preset} if preset else {}),
         **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
     }, val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val),

@@ -91,16 +91,18 @@ class TrainConfig(Config):
     aux_digit_weight: float = param(0.0, "weight of the digit loss on both halves (needs digit_a/digit_b in "
                                          "train.npz; 0 = off)", min=0)
     # Fine-tuning: start from a registered model ("" = from scratch, the seed recipe).
-    init_from: str = param("", "start from a registered model, e.g. models:/pairnet-pretrain-resnet_optimized@champion "
-                               "(empty: from scratch)")
+    init_from: str = param("", "start from a registered model, e.g. "
+                               "models:/pairnet-pretrain-resnet_optimized@champion, or pretrained: the registered "
+                               "tower of this preset that fits (empty: from scratch)")
     freeze_epochs: int = param(0, "first epochs train the heads only, tower frozen (with init_from)", min=0)
     tower_lr_mult: float = param(1.0, "tower learning rate = lr x this (with init_from the preset uses 0.05)", min=0)
 
     def validate(self) -> "TrainConfig":
         super().validate()
-        if self.init_from and not self.init_from.startswith("models:/"):
+        if self.init_from and self.init_from != "pretrained" and not self.init_from.startswith("models:/"):
             raise PairnetError(f"init_from '{self.init_from}' must be a registry URI such as "
-                               "models:/pairnet-pretrain-resnet_optimized@champion (or empty for from scratch)")
+                               "models:/pairnet-pretrain-resnet_optimized@champion, or pretrained (the registered "
+                               "tower of this preset that fits), or empty for from scratch")
         from pairnet.models.registry import resolve
 
         resolve(self.model_name, **self.model_overrides())  # unknown model names and options fail here
