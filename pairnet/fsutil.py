@@ -9,13 +9,12 @@ old file or the new one, never a mix, and a crash leaves at most a ``.tmp`` file
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
+
+from filelock import FileLock, Timeout
 
 from pairnet.errors import PairnetError
 from pairnet.paths import folder_key, state_dir
@@ -56,7 +55,8 @@ class FolderBusy(PairnetError):
 
 @contextlib.contextmanager
 def file_lock(path: str | Path, busy: str, wait_s: float = 0.0, note: str = "") -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the file ``path`` (created if missing).
+    """Hold an exclusive lock on the file ``path`` (created if missing), with ``filelock``
+    (``flock`` on POSIX, ``msvcrt`` locking on Windows).
 
     ``wait_s``: how long to wait for another holder; then :class:`FolderBusy` with the
     one-line message ``busy``. ``note`` is written into the file for whoever looks. The
@@ -72,30 +72,22 @@ def file_lock(path: str | Path, busy: str, wait_s: float = 0.0, note: str = "") 
         finally:
             _HELD[key] -= 1
         return
-    fh = open(path, "a+")
-    deadline = time.monotonic() + wait_s
+    lock = FileLock(key)
     try:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise FolderBusy(busy) from None
-                time.sleep(0.2)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()} {note}\n")
-        fh.flush()
+        lock.acquire(timeout=wait_s, poll_interval=0.2)
+    except Timeout:
+        raise FolderBusy(busy) from None
+    try:
+        with open(path, "r+") as fh:  # the lock file itself: who holds it, for whoever looks
+            fh.truncate()
+            fh.write(f"{os.getpid()} {note}\n")
         _HELD[key] = 1
         try:
             yield
         finally:
             del _HELD[key]
     finally:
-        fh.close()  # closing the descriptor releases the flock
+        lock.release()
 
 
 def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> contextlib.AbstractContextManager[None]:

@@ -11,6 +11,7 @@ TAG_SEED = "pairnet.seed"
 TAG_PRESET = "pairnet.preset"
 TAG_DATA_DIGEST = "pairnet.data_digest"
 TAG_GIT_COMMIT = "pairnet.git_commit"
+TAG_SOURCE_COMMIT = "mlflow.source.git.commit"  # the same commit, where MLflow's UI shows it
 TAG_REGISTERED_NAME = "pairnet.registered_name"
 TAG_MODEL_VERSION = "pairnet.model_version"  # the version a run registered
 TAG_CHAMPION_DECISION = "pairnet.champion_decision"

@@ -52,10 +52,10 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
 
     ``init_source``: the weights ``cfg.init_from`` names, when the caller already fetched them.
     """
-    dev = pick_device(device)
+    dev, commit = pick_device(device), git_commit()
     tags = {names.TAG_STAGE: stage, names.TAG_MODEL: cfg.model_name, names.TAG_SEED: str(cfg.seed),
-            names.TAG_DATA_DIGEST: splits.digest(), names.TAG_PRESET: preset, names.TAG_GIT_COMMIT: git_commit(),
-            names.TAG_REGISTERED_NAME: registered}
+            names.TAG_DATA_DIGEST: splits.digest(), names.TAG_PRESET: preset, names.TAG_GIT_COMMIT: commit,
+            names.TAG_SOURCE_COMMIT: commit, names.TAG_REGISTERED_NAME: registered}
     me = distributed.current()  # under torchrun only rank 0 gets here; the others run train_replica
     resume = distributed.share(download_checkpoint(resume_run_id) if resume_run_id else None, me)
     if resume:

@@ -46,6 +46,7 @@ import sqlalchemy.exc
 import torch
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 
@@ -77,6 +78,7 @@ PROCESS_ATTR = "pairnet.process"  # trial user attr: ProcessId.as_tags() of the 
 SWEPT_REASON = names.TAG_SWEPT  # the same tag the orphan sweep sets
 STOP_WAIT_S = 20.0  # how long stopped workers get to end their trials KILLED before SIGKILL
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+TRIAL_VALUE, BEST_SO_FAR = "trial_value", "best_value_so_far"  # the parent run's history metrics
 JOURNAL = "optuna.journal"  # the default storage, in the data folder
 LEGACY_DB = "optuna.db"  # the default before the journal; kept where it is the only one
 SCHEMA_TRIES = 4  # attempts to open an RDB storage whose tables another machine is creating
@@ -579,6 +581,7 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     best = study.best_trial
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
     mlflow.log_metric("best_value", best.value)
+    log_history(complete)
     summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
     _log_plots(study)
     name = registry.registered_name(req.model_name)
@@ -612,6 +615,19 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     return summary
 
 
+def log_history(complete: list[optuna.trial.FrozenTrial]) -> None:
+    """The optimisation history on the parent run, which MLflow's UI draws as a chart: each
+    finished trial's value (``trial_value``) and the best so far (``best_value_so_far``), at
+    step = trial number."""
+    now, best, metrics = int(time.time() * 1000), float("-inf"), []
+    for t in sorted(complete, key=lambda t: t.number):
+        best = max(best, t.value)
+        metrics += [Metric(TRIAL_VALUE, t.value, now, t.number), Metric(BEST_SO_FAR, best, now, t.number)]
+    client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
 def _log_plots(study: optuna.Study) -> None:
     import optuna.visualization as vis
 
@@ -624,7 +640,8 @@ def _log_plots(study: optuna.Study) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in figures.items():
             try:
-                make().write_html(str(Path(tmp) / name), include_plotlyjs="cdn")
+                # plotly.js inside each page: the plots open offline, with no CDN to reach.
+                make().write_html(str(Path(tmp) / name), include_plotlyjs=True)
             except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ finished trials
                 log.warning("skipped %s: %s", name, err)
         mlflow.log_artifacts(tmp, artifact_path="optuna")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -49,6 +50,18 @@ def test_tune_nested_trials_resumable_study(mlflow_server, tiny_data, tmp_path):
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {"optuna/optimization_history.html", "optuna/parallel_coordinate.html",
             "optuna/contour_lr_weight_decay.html"} <= plots
+    # The optimisation history as metrics of the parent, at step = trial number, which the UI charts.
+    study = optuna.load_study(study_name="s1", storage=storage)
+    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.number)
+    history = client.get_metric_history(parent.info.run_id, "trial_value")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(t.number, t.value) for t in done]
+    best = [m.value for m in sorted(client.get_metric_history(parent.info.run_id, "best_value_so_far"),
+                                    key=lambda m: m.step)]
+    assert best == [max(t.value for t in done[:i + 1]) for i in range(len(done))] and done
+    # The plots carry plotly.js themselves: no CDN script, so they open offline.
+    page = Path(client.download_artifacts(parent.info.run_id, "optuna/optimization_history.html", str(tmp_path)))
+    html = page.read_text()
+    assert "cdn.plot.ly" not in html and "<script src=\"http" not in html and len(html) > 1_000_000
 
     # The same study again: 2 more trials, 6 in storage, nothing lost.
     proc = mlflow_run("tune", {**common, "n_trials": 2}, env)
