@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "in MLflow. Start with `pairnet pipeline --preset quick` (about 10 minutes on a CPU).",
         epilog="Each command has its own --help. Also runnable as `python -m pairnet`.")
     parser.add_argument("--version", action="version", version=f"pairnet {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_global(parser, argparse.SUPPRESS)
+    parser.set_defaults(verbose=False, quiet=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)
     _add_server(sub)
@@ -563,7 +564,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack(sub)
     _add_pipeline(sub)
     _add_runs(sub)
+    _global_after_commands(parser)
     return parser
+
+
+def _add_global(p: argparse.ArgumentParser, default) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging (default off)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="warnings and errors only (default off)")
+
+
+def _global_after_commands(parser: argparse.ArgumentParser) -> None:
+    """-v / -q also after the command (``pairnet stage2 -v``): every subcommand takes them, with
+    a suppressed default so one given before the command is not reset."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _add_global(command, argparse.SUPPRESS)
+                _global_after_commands(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except PairnetError as err:

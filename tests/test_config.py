@@ -191,3 +191,19 @@ def test_every_option_of_every_command_says_what_it_does():
 
     walk(build_parser(), "pairnet")
     assert not missing
+
+
+@pytest.mark.parametrize("argv, verbose, quiet", [
+    (["-v", "models"], True, False), (["models", "-v"], True, False), (["models"], False, False),
+    (["stage2", "--preset", "tiny", "-q"], False, True), (["-q", "server", "status"], False, True),
+    (["data", "make", "--out", "d", "--quiet"], False, True),
+])
+def test_global_options_work_before_and_after_the_command(argv, verbose, quiet):
+    args = build_parser().parse_args(argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
+def test_verbose_and_quiet_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["models", "-v", "-q"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
