@@ -492,6 +492,22 @@ def _cmd_runs_sweep(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from pairnet.doctor import run_checks
+
+    checks = run_checks()
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{c.name:{width}s}  {c.status:7s}  {c.text}")
+    return 1 if any(c.status == "missing" for c in checks) else 0
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="what this machine gives a stage (device, AMP, server, storage, versions, "
+                                      "disk), one line each; exit 1 when something a stage needs is missing")
+    p.set_defaults(func=_cmd_doctor)
+
+
 def _add_runs(sub) -> None:
     runs = sub.add_parser("runs", help="maintenance of MLflow runs").add_subparsers(dest="runs_cmd", required=True)
     p = runs.add_parser("sweep", help="mark FAILED the RUNNING runs whose process on this host is gone "
@@ -564,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack(sub)
     _add_pipeline(sub)
     _add_runs(sub)
+    _add_doctor(sub)
     _global_after_commands(parser)
     return parser
 
