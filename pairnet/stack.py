@@ -27,7 +27,8 @@ from pairnet.data.splits import check_data_dir, load_splits
 from pairnet.errors import PairnetError
 from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, make_lgbm, meta_features
 from pairnet.tracking import registry
-from pairnet.tracking.model import accuracy_on, check_version, load_trusted
+from pairnet.tracking.model import (PYFUNC_CODE, STACK_SIGNATURE, accuracy_on, check_version, copy_model_artifacts,
+                                   load_trusted, mark_version, package_code, requirements, stack_artifacts)
 from pairnet.tracking.session import setup_tracking
 from pairnet.train.metrics import accuracy
 
@@ -130,8 +131,6 @@ def run_stack(req: StackRequest) -> dict:
 
     from pairnet import plots
     from pairnet.tracking.lifecycle import tracked_run
-    from pairnet.tracking.model import (PYFUNC_CODE, STACK_SIGNATURE, copy_model_artifacts, mark_version,
-                                       requirements, stack_artifacts)
     from pairnet.tracking.server import tracking_uri
 
     if req.n_folds < 2:
@@ -209,10 +208,12 @@ def run_stack(req: StackRequest) -> dict:
             # The served stack: exactly these base versions' weights, the booster and the lineage.
             for b in bases:
                 copy_model_artifacts(b.uri, tmp / "bases" / b.key, client)
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
-                                           artifacts=stack_artifacts(tmp), signature=STACK_SIGNATURE,
-                                           registered_model_name=registry.STACK_NAME,
-                                           pip_requirements=requirements("lightgbm", "pandas"))
+            with package_code() as code:
+                info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
+                                               artifacts=stack_artifacts(tmp), signature=STACK_SIGNATURE,
+                                               input_example=np.ascontiguousarray(splits["val"].x[:2]),
+                                               registered_model_name=registry.STACK_NAME,
+                                               pip_requirements=requirements("lightgbm"), code_paths=code)
             mark_version(registry.STACK_NAME, info, "stack")
         version = str(info.registered_model_version)
         decision = registry.register_and_gate(registry.STACK_NAME, version, cv_acc, parent, {

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -131,3 +132,51 @@ def test_mlflow_models_serve_answers(stacked, mlflow_server, tiny_data):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+# A Python that cannot import pairnet: the editable install's finder and every path into the
+# checkout are dropped before anything is imported; MLflow must bring pairnet with the model.
+FRESH = r"""
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path[:] = [p for p in sys.path if p and not p.startswith(sys.argv[1])]
+assert importlib.util.find_spec("pairnet") is None, "pairnet importable before loading"
+import mlflow, numpy as np
+x = np.load(sys.argv[3])
+out = {}
+for i, uri in enumerate(sys.argv[4:]):
+    pred = mlflow.pyfunc.load_model(uri).predict(x)
+    out[f"m{i}"] = np.asarray(pred["probability"] if hasattr(pred, "columns") else pred, dtype=np.float64)
+import pairnet
+out["pairnet_file"] = np.array(pairnet.__file__)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_registered_models_load_where_pairnet_is_not_installed(stacked, mlflow_server, tiny_data, tmp_path):
+    import numpy as np
+
+    from pairnet.tracking.model import load_trusted
+
+    client = MlflowClient()
+    stack = client.get_model_version_by_alias("pairnet-stack", "champion")
+    base = client.get_model_version_by_alias("pairnet-resnet_optimized", "champion")
+    uris = [f"models:/{base.name}/{base.version}", f"models:/{stack.name}/{stack.version}"]
+    x = load_pairs(tiny_data / "test_private.npz").x[:64]
+    np.save(tmp_path / "x.npy", x)
+    env = user_env(mlflow_server, "it-stack")
+    proc = subprocess.run([sys.executable, "-I", "-c", FRESH, str(ROOT), str(tmp_path / "out.npz"),
+                           str(tmp_path / "x.npy"), *uris], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp_path / "out.npz") as got:
+        assert not str(got["pairnet_file"]).startswith(str(ROOT))  # the copy that travelled with the model
+        in_process = [load_trusted(uris[0]).predict(x), load_trusted(uris[1]).probabilities(x)]
+        for i, expected in enumerate(in_process):
+            np.testing.assert_array_equal(got[f"m{i}"], np.asarray(expected, dtype=np.float64))
+    for mv in (base, stack):  # requirements name only public packages, each pinned
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}",
+                                                          dst_path=str(tmp_path / mv.name)))
+        lines = [line for line in (folder / "requirements.txt").read_text().splitlines() if line.strip()]
+        assert (folder / "code" / "pairnet" / "serving" / "pyfunc.py").exists()
+        assert "pairnet" not in " ".join(lines) and all("==" in line for line in lines), lines

@@ -5,7 +5,9 @@ safetensors weights with a JSON spec (a pair model) or, for the stack, those plu
 LightGBM text model and ``lineage.json``; so loading needs no pickle
 (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false works). A pair model returns probabilities
 (N,); the stack a DataFrame with ``label`` and ``probability``. The ``pairnet`` package
-must be importable where the model is loaded.
+travels with the model (``code_paths``: the model's ``code/`` folder, which MLflow puts on
+``sys.path``), so the model loads where pairnet is not installed, in an environment built
+from its pinned public requirements.
 
 Loading picks the device (CUDA when present); prediction then runs batched under
 inference_mode with the device's autocast dtype and channels_last weights, exactly the

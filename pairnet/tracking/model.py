@@ -15,13 +15,15 @@ is refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -31,6 +33,7 @@ from pairnet import names
 from pairnet.data.pairs import IMAGE_SHAPE, to_labels
 from pairnet.errors import PairnetError
 from pairnet.models.pair import PairModel
+from pairnet.paths import PACKAGE_DIR
 from pairnet.serving import PairPredictor, StackPredictor, save_pair_dir
 from pairnet.serving.predictors import LINEAGE, META_MODEL, SPEC, WEIGHTS
 
@@ -48,19 +51,36 @@ STACK_SIGNATURE = ModelSignature(
 )
 
 
+# The public packages a served model imports (the pyfunc, the predictors and what they
+# import), pinned as MLflow pins them: the versions installed where the model was logged.
+SERVED_PACKAGES = ("torch", "numpy", "pandas", "safetensors", "scikit-learn", "scipy", "filelock")
+
+
 def requirements(*extra: str) -> list[str]:
-    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", *extra, "pairnet"]
+    """``name==version`` of every package the served model needs; pairnet itself travels with the
+    model (``code_paths``), so an environment built from these needs no pairnet install."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in (*SERVED_PACKAGES, *extra)]
+
+
+@contextlib.contextmanager
+def package_code() -> Iterator[list[str]]:
+    """``code_paths`` for ``log_model``: a clean copy of the pairnet package (sources only), which
+    MLflow stores in the model's ``code/`` folder and puts on ``sys.path`` when it loads it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / PACKAGE_DIR.name
+        shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        yield [str(copy)]
 
 
 def log_pair_model(model: PairModel, example: np.ndarray, registered_name: str | None = None):
     """Log (and register, tagged ``pairnet.format``) the model; returns MLflow's ModelInfo."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, package_code() as code:
         folder = save_pair_dir(model, Path(tmp) / "pair")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE),
             artifacts={"weights": str(folder / WEIGHTS), "spec": str(folder / SPEC)},
             signature=SIGNATURE, input_example=np.ascontiguousarray(example[:2]),
-            registered_model_name=registered_name, pip_requirements=requirements(),
+            registered_model_name=registered_name, pip_requirements=requirements(), code_paths=code,
         )
     mark_version(registered_name, info, "pair")
     return info
