@@ -66,3 +66,60 @@ def bar_chart(labels: list[str], values: list[float], path: str | Path, ylabel: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)
+
+
+def curves(y: np.ndarray, prob: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """ROC (with AUC), precision-recall (with average precision) and a reliability diagram
+    (10 bins), side by side, drawn by scikit-learn's display classes."""
+    from sklearn.calibration import CalibrationDisplay
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    fig = _figure((10.5, 3.4))
+    roc, pr, rel = fig.subplots(1, 3)
+    RocCurveDisplay.from_predictions(y, prob, ax=roc, name="model")
+    roc.plot([0, 1], [0, 1], ls=":", c="grey")
+    PrecisionRecallDisplay.from_predictions(y, prob, ax=pr, name="model")
+    CalibrationDisplay.from_predictions(y, prob, n_bins=10, ax=rel, name="model")
+    for ax, name in ((roc, "ROC"), (pr, "precision-recall"), (rel, "reliability")):
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right" if ax is not rel else "upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return Path(path)
+
+
+def digit_pair_heatmap(errors: np.ndarray, pairs: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """Error rate per (left digit, right digit): ``errors`` and ``pairs`` are 10×10 counts."""
+    rate = np.divide(errors, pairs, out=np.full(errors.shape, np.nan), where=pairs > 0)
+    fig = _figure((4.6, 4.0))
+    ax = fig.subplots()
+    im = ax.imshow(rate, cmap="Reds", vmin=0, vmax=max(0.5, float(np.nanmax(rate)) if pairs.any() else 0.5))
+    for i, j in zip(*np.nonzero(pairs), strict=True):
+        ax.text(j, i, f"{rate[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(10)), ax.set_yticks(range(10))
+    ax.set_xlabel("right digit"), ax.set_ylabel("left digit")
+    ax.set_title(title or "error rate per digit pair", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return Path(path)
+
+
+def gallery(x: np.ndarray, y: np.ndarray, prob: np.ndarray, path: str | Path, title: str = "",
+            ids: np.ndarray | None = None) -> Path:
+    """The pairs shown with their true label and P(label 1), a grid of 4 columns."""
+    n = len(x)
+    rows = max(1, -(-n // 4))
+    fig = _figure((8.0, 1.25 * rows + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, 4)).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(x[i], cmap="gray", vmin=0, vmax=255)
+            name = f"{ids[i]} " if ids is not None else ""
+            ax.set_title(f"{name}true {int(y[i])}, p={prob[i]:.2f}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return Path(path)

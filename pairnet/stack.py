@@ -29,6 +29,8 @@ from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, make_lgb
 from pairnet.tracking import registry
 from pairnet.tracking.model import (PYFUNC_CODE, STACK_SIGNATURE, accuracy_on, check_version, copy_model_artifacts,
                                    load_trusted, mark_version, package_code, requirements, stack_artifacts)
+from pairnet.tracking.evaluation import log_evaluation
+from pairnet.tracking.runlog import log_evaluation_input
 from pairnet.tracking.session import setup_tracking
 from pairnet.train.metrics import accuracy
 
@@ -171,7 +173,11 @@ def run_stack(req: StackRequest) -> dict:
         def judge(method: str, p: np.ndarray) -> None:
             table.append({"method": method, "test_public_acc": accuracy(p, y_pub)})
 
-        judge("lightgbm_stack", meta.predict_proba(x_pub)[:, 1])
+        stack_public = meta.predict_proba(x_pub)[:, 1]
+        judge("lightgbm_stack", stack_public)
+        log_evaluation("val", val, oof)  # out-of-fold: each pair judged by a meta-model that never saw it
+        log_evaluation_input(splits["public"])
+        log_evaluation("test_public", splits["public"], stack_public)
         val_accs = {b.key: accuracy(probs[b.key]["val"], y_val) for b in bases}
         best = max(val_accs, key=val_accs.get)  # chosen on val, judged on test_public
         judge(f"best_single ({best})", probs[best]["public"])

@@ -50,6 +50,10 @@ def test_stack_run_metrics_baselines_lineage(stacked):
         assert 0 <= m[f"test_public_acc_{key}"] <= 1
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"comparison.csv", "comparison.png", "lineage.json", "meta_model.txt", "submission_private.csv"} <= arts
+    for split in ("val", "test_public"):  # val: the out-of-fold probabilities
+        files = {a.path for a in client.list_artifacts(run.info.run_id, f"eval/{split}")}
+        assert {f"eval/{split}/{f}" for f in ("curves.png", "confusion_matrix.png", "predictions.json")} <= files
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["test_public"]
     lineage = json.loads(open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
     assert run.data.params["stack.lgbm.num_leaves"] == "4" and lineage["lgbm"]["num_leaves"] == 4
     assert run.data.params["stack.lgbm.min_child_samples"] == "50"  # the defaults are logged too

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import time
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -24,6 +27,12 @@ def _runs(client, experiment, filter_string=""):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"experiment {experiment} was not created"
     return client.search_runs([exp.experiment_id], filter_string=filter_string)
+
+
+def _table(client, run_id: str, path: str):
+    """An MLflow table artifact (mlflow.log_table's JSON: columns and rows) as a DataFrame."""
+    with open(client.download_artifacts(run_id, path)) as fh:
+        return pd.DataFrame(**json.load(fh))
 
 
 def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data):
@@ -51,7 +60,24 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"learning_curves.png", "confusion_matrix.png", "final_metrics.json", "checkpoint"} <= arts
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train", "val"]
+    assert tags["mlflow.source.git.commit"] == tags["pairnet.git_commit"]
+    inputs = {d.dataset.name: [t.value for t in d.tags if t.key == "mlflow.data.context"]
+              for d in run.inputs.dataset_inputs}
+    assert inputs == {"train": ["training"], "val": ["validation"], "test_public": ["evaluation"]}
+    # Evaluation a person can read, for val and test_public.
+    for split, file in (("val", "val.npz"), ("test_public", "test_public.npz")):
+        files = {a.path.removeprefix(f"eval/{split}/") for a in client.list_artifacts(run.info.run_id, f"eval/{split}")}
+        digits = "digit_a" in load_pairs(tiny_data / file).extras  # the default set hides test_public's digits
+        assert files == {"curves.png", "confusion_matrix.png", "most_confident_errors.png", "predictions.json"} | (
+            {"digit_pair_errors.json", "digit_pair_errors.png"} if digits else set()), (split, files)
+        assert digits == (split == "val")
+    val = load_pairs(tiny_data / "val.npz")
+    table = _table(client, run.info.run_id, "eval/val/digit_pair_errors.json")
+    errors = round((1 - run.data.metrics["final_val_acc"]) * len(val))
+    assert table["errors"].sum() == errors and table["pairs"].sum() == len(val) and len(table) <= 90
+    assert (table["left"] != table["right"]).all()  # a pair's digits always differ
+    predictions = _table(client, run.info.run_id, "eval/val/predictions.json")
+    assert len(predictions) == len(val) and (predictions["predicted"] != predictions["label"]).sum() == errors
     # The registry: a version with val metrics as tags and the champion alias.
     mv = client.get_model_version_by_alias("pairnet-resnet_optimized_1.12", "champion")
     # Descriptions the UI shows: the run's, the version's and the registered model's.

@@ -13,16 +13,18 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import torch
 
 from pairnet import names
 from pairnet.data.splits import Splits
 from pairnet.paths import project_root
 from pairnet.tracking import registry
 from pairnet.tracking.callback import final_metrics
+from pairnet.tracking.evaluation import log_evaluation
 from pairnet.tracking.init_from import PRESET_TAG
 from pairnet.tracking.model import accuracy_on, log_pair_model
 from pairnet.train.config import TrainConfig
-from pairnet.train.loop import FitResult, amp_dtype, evaluate, predict_logits
+from pairnet.train.loop import FitResult, amp_dtype, metrics_from_logits, predict_logits
 
 
 def git_commit() -> str:
@@ -59,6 +61,13 @@ def log_start(cfg: TrainConfig, model, splits: Splits, extra: dict):
     return logged["validation"]
 
 
+def log_evaluation_input(pairs) -> None:
+    """The labelled test set as the run's ``evaluation`` dataset input."""
+    dataset = mlflow.data.from_numpy(pairs.x, targets=pairs.y, source=_local_file_source(pairs.source),
+                                     name=Path(pairs.source).stem)
+    mlflow.log_input(dataset, context="evaluation")
+
+
 def fusion_ablation(model, val, dev, cfg: TrainConfig) -> dict[str, float]:
     """Softmax weight of each fusion head and the val accuracy of each head alone."""
     weights = model.head.weights().detach().cpu().numpy()
@@ -76,11 +85,15 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
     from pairnet import plots
 
     final = dict(result.final)
+    log_evaluation("val", splits.val, result.val_prob)
     if splits.public is not None:
-        pub = evaluate(model, splits.public.x, splits.public.y, device=dev, batch_size=cfg.eval_batch_size,
-                       amp=amp_dtype(cfg.amp, dev), prefix="test_public_")
+        logits = predict_logits(model, splits.public.x, device=dev, batch_size=cfg.eval_batch_size,
+                                amp=amp_dtype(cfg.amp, dev))
+        pub = metrics_from_logits(logits, splits.public.y, prefix="test_public_")
         final.update(pub)
         mlflow.log_metrics(pub)
+        log_evaluation_input(splits.public)
+        log_evaluation("test_public", splits.public, torch.sigmoid(logits).numpy())
     if hasattr(model.head, "per_head"):  # fusion heads: weights and a per-head ablation
         ablation = fusion_ablation(model, splits.val, dev, cfg)
         final.update(ablation)
