@@ -263,7 +263,63 @@ def _request(args):
 
     return StageRequest(preset=args.preset, data_dir=args.data_dir, explicit=config_values(args), device=args.device,
                         resume=getattr(args, "resume", ""), members=getattr(args, "members", ""),
-                        jobs=getattr(args, "jobs", 1))
+                        jobs=getattr(args, "jobs", 1), config_text=args.config_text)
+
+
+# ---------------------------------------------------------------- the experiment file
+NOT_IN_FILE = {"help", "config", "print_config", "verbose", "quiet"}
+
+
+def _add_config_file(p: argparse.ArgumentParser, resolve) -> None:
+    p.add_argument("--config", default="", metavar="FILE.yaml",
+                   help="take option values from a YAML file (- reads standard input): recipe, then preset, then "
+                        "the file, then the flags given here (default: none)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved options as YAML that --config reads back, and exit (default off)")
+    p.set_defaults(command_parser=p, resolve=resolve, config_text="")
+
+
+def _file_options(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in p._actions if a.option_strings and a.dest not in NOT_IN_FILE}
+
+
+def _with_config_file(parser: argparse.ArgumentParser, args, argv: list[str]):
+    """``args`` parsed again with the file's values as the command's defaults: flags still win."""
+    from pairnet import configfile
+
+    text, values = configfile.read(args.config)
+    sub, defaults = args.command_parser, {}
+    options, name = _file_options(sub), configfile.source_name(args.config)
+    for key, value in values.items():
+        action = options.get(key)
+        if action is None:
+            raise PairnetError(f"--config {name}: unknown key '{key}' for `pairnet {args.cmd}` (see "
+                               f"pairnet {args.cmd} --print-config)")
+        parse = _bool if isinstance(action, argparse._StoreTrueAction) else action.type or str
+        try:
+            defaults[key] = None if value is None else parse(configfile.as_flag_text(value))
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+            raise PairnetError(f"--config {name}: {key}: {err}") from None
+    sub.set_defaults(**defaults)
+    new = parser.parse_args(argv)
+    new.config_text = text
+    return new
+
+
+def _resolved_options(args) -> dict:
+    """Every option of the command as it will run (tune, pipeline)."""
+    return {dest: getattr(args, dest) for dest in _file_options(args.command_parser)}
+
+
+def _resolved_stage(args) -> dict:
+    """A training stage's run options, then every training setting after recipe, preset, file and flags."""
+    from pairnet.presets import build_config
+
+    config_keys = {name for name, _, _ in leaves(TrainConfig)}
+    run = {dest: value for dest, value in _resolved_options(args).items() if dest not in config_keys}
+    cfg = build_config(args.cmd, args.preset, config_values(args))
+    own = _file_options(args.command_parser)  # stage3 takes no model_name or seed: its members set them
+    return {**run, **{k: v for k, v in cfg.flat().items() if k in own}}
 
 
 def _print_summary(rows: list[dict]) -> None:
@@ -296,6 +352,7 @@ def _add_stages(sub) -> None:
         p = sub.add_parser(name, help=f"train {text} as a tracked MLflow run")
         _add_train_args(p, name)
         p.set_defaults(func=_cmd_stage)
+        _add_config_file(p, _resolved_stage)
 
 
 # ---------------------------------------------------------------- registry
@@ -362,7 +419,8 @@ def _cmd_tune(args) -> int:
                       lr_high=args.lr_high, wd_low=args.wd_low, wd_high=args.wd_high, data_dir=args.data_dir,
                       device=args.device, seed=args.seed, init_from=args.init_from,
                       freeze_epochs=args.freeze_epochs, tower_lr_mult=args.tower_lr_mult,
-                      heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
+                      heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
+                      config_text=args.config_text)
     out = run_tune(req)
     print(f"study {out['study']}: {out['trials']} trials in storage, by state {out['states']}")
     if "best_params" in out:
@@ -408,6 +466,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--grace-period", type=whole, default=30,
                    help="seconds without a heartbeat before a trial counts as dead (failed, re-queued at most twice)")
     p.set_defaults(func=_cmd_tune)
+    _add_config_file(p, _resolved_options)
 
 
 # ---------------------------------------------------------------- stack and predict
@@ -520,7 +579,8 @@ def _cmd_pipeline(args) -> int:
     from pairnet.pipeline import PipelineRequest, run_pipeline
 
     out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
-                                       pretrain_data_dir=args.pretrain_data_dir or None))
+                                       pretrain_data_dir=args.pretrain_data_dir or None,
+                                       config_text=args.config_text))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"\n{'model':46s} {'ver':>4s} {'stage':8s} {'val acc':>8s} {'test_public acc':>16s}")
     for r in out["table"]:
@@ -551,6 +611,7 @@ def _add_pipeline(sub) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)
+    _add_config_file(p, _resolved_options)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -614,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
+        if getattr(args, "config", ""):
+            args = _with_config_file(parser, args, args.argv)
+        if getattr(args, "print_config", False):
+            from pairnet.configfile import dump
+
+            print(dump(args.resolve(args)), end="")
+            return 0
         return int(args.func(args) or 0)
     except PairnetError as err:
         print(f"pairnet: error: {mask_url(str(err))}", file=sys.stderr)  # no password in any message

@@ -29,7 +29,7 @@ from pairnet.fsutil import folder_lock
 from pairnet.paths import PACKAGE_DIR, default_set_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
-from pairnet.tracking.lifecycle import experiment_url, tracked_run
+from pairnet.tracking.lifecycle import experiment_url, log_config_file, tracked_run
 from pairnet.tracking.model import accuracy_on
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
 from pairnet.data.splits import check_data_dir, load_splits, preset_data_dir
@@ -85,6 +85,7 @@ class PipelineRequest:
     # carries digit labels (the default set does), else the preset's default set in a folder of
     # pairnet's own (paths.default_set_dir), made once and shared by every data folder.
     pretrain_data_dir: str | None = None
+    config_text: str = ""  # the --config file as given, logged as the pipeline run's config.yaml
 
 
 def code_version() -> str:
@@ -200,6 +201,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         parent = run.run_id
         mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code,
                            "pipeline.pretrain_data_dir": req.pretrain_data_dir or ""})
+        log_config_file(req.config_text)
         # data
         gen = GenConfig(size=preset["data_size"], seed=req.seed)
         meta_ok = has_pair_files(d) and _meta_matches(d, gen)

@@ -23,7 +23,7 @@ from pairnet.tracking import registry
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.checkpoints import download_checkpoint, local_checkpoint, resume_target
 from pairnet.tracking.init_from import PRETRAINED, InitSource, fetch_init_source, find_pretrained
-from pairnet.tracking.lifecycle import tracked_run
+from pairnet.tracking.lifecycle import log_config_file, tracked_run
 from pairnet.tracking.runlog import git_commit, log_outcome, log_start
 from pairnet.tracking.session import setup_tracking
 from pairnet.train import distributed
@@ -43,11 +43,13 @@ class StageRequest:
     resume: str = ""  # "", "true" (latest killed run of this model) or a run id
     members: str = ""  # stage 3 only: "variant:seed,..." subset of presets.STAGE3_MEMBERS
     jobs: int = 1  # stage 3 only: members trained at once, each in its own worker process
+    config_text: str = ""  # the --config file as given, logged as the run's config.yaml
 
 
 def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: str, run_name: str,
                   device: str = "auto", preset: str = "full", parent_run_id: str | None = None,
-                  resume_run_id: str | None = None, init_source: InitSource | None = None) -> dict:
+                  resume_run_id: str | None = None, init_source: InitSource | None = None,
+                  config_text: str = "") -> dict:
     """Train one model inside its own MLflow run; log everything; register; gate champion.
 
     ``init_source``: the weights ``cfg.init_from`` names, when the caller already fetched them.
@@ -88,6 +90,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         callback = MlflowCallback(run.run_id, final_metrics=False)
         run.on_abort.append(callback.abort)
         val_dataset = log_start(cfg, model, splits, extra)
+        log_config_file(config_text)
         for row in (resume or {}).get("history", []):  # the killed run's curves continue here
             callback.on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
         bar = EpochBar(cfg.epochs, run_name, start=len(resume["history"]) if resume else 0)
@@ -118,7 +121,8 @@ def run_single(stage: str, req: StageRequest) -> dict:
         distributed.barrier(me)  # the data exists (made here if absent) before the replicas read it
         return train_tracked(cfg, stage=stage, splits=splits, registered=registered_for(stage, cfg.model_name),
                              run_name=f"{stage}/{cfg.model_name}/seed{cfg.seed}", device=device, preset=req.preset,
-                             resume_run_id=resume_target(req.resume, stage, cfg.model_name, cfg.seed))
+                             resume_run_id=resume_target(req.resume, stage, cfg.model_name, cfg.seed),
+                             config_text=req.config_text)
 
 
 def check_members_fit(source: InitSource, members: list[tuple[str, int]], configs: list[TrainConfig]) -> None:
@@ -155,6 +159,7 @@ def run_stage3(req: StageRequest) -> list[dict]:
     with tracked_run("stage3/diversity", tags, description=f"stage3: {len(members)} members") as parent:
         mlflow.log_params({"run.preset": req.preset, "run.members": ",".join(f"{v}:{s}" for v, s in members),
                            "run.jobs": req.jobs, "data.dir": str(splits.data_dir), "data.digest": splits.digest()})
+        log_config_file(req.config_text)
         results = train_members([Member(cfg, "stage3", registry.registered_name(cfg.model_name, cfg.seed),
                                         f"stage3/{cfg.model_name}/seed{cfg.seed}", req.preset,
                                         member_device(req.device, i), source) for i, cfg in enumerate(configs)],

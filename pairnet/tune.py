@@ -65,7 +65,7 @@ from pairnet.tracking import registry
 from pairnet.models.transfer import copy_matching
 from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import fetch_init_source
-from pairnet.tracking.lifecycle import Terminated, sigterm_raises, signals_ignored, tracked_run
+from pairnet.tracking.lifecycle import Terminated, log_config_file, sigterm_raises, signals_ignored, tracked_run
 from pairnet.tracking.model import accuracy_on, log_pair_model
 from pairnet.train.loop import Callback, fit, pick_device
 from pairnet.data.splits import load_splits
@@ -107,6 +107,7 @@ class TuneRequest:
     tower_lr_mult: float | None = None
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 30  # seconds without a heartbeat before a trial counts as dead (FAIL, re-queued)
+    config_text: str = ""  # the --config file as given, logged as the parent's config.yaml
 
     def validate(self) -> "TuneRequest":
         for name, lo, hi in (("lr", self.lr_low, self.lr_high), ("weight_decay", self.wd_low, self.wd_high)):
@@ -528,7 +529,8 @@ def run_tune(req: TuneRequest) -> dict:
     with tracked_run(f"tune/{req.study_name}", tags, description=what) as run:
         parent = run.run_id
         experiment_id = MlflowClient().get_run(parent).info.experiment_id
-        mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items() if k != "storage"})
+        mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items() if k not in ("storage", "config_text")})
+        log_config_file(req.config_text)
         mlflow.log_param("tune.storage", mask_url(url))  # never log credentials
         if req.n_workers == 1:
             study.optimize(_objective(req, parent, experiment_id, splits), n_trials=req.n_trials,

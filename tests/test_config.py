@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
 from pairnet.cli import OneLineParser, add_config_args, build_parser, config_values
 from pairnet.errors import PairnetError
 from pairnet.presets import PRESETS, STAGE_RECIPE, build_config
 from pairnet.train import TrainConfig
-from pairnet.config import param, section
+from pairnet.config import flatten, param, section
 from pairnet.train.config import AugmentConfig
 
 # The flags users' scripts rely on: generated now, so every one must still be there.
@@ -207,3 +210,43 @@ def test_verbose_and_quiet_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["models", "-v", "-q"])
     assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def _cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pairnet", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_print_config_reads_back_through_config_to_the_same_run():
+    first = _cli(["stage2", "--preset", "tiny", "--epochs", "3", "--aug.rotation-deg", "5", "--print-config"])
+    assert first.returncode == 0, first.stderr
+    again = _cli(["stage2", "--config", "-", "--print-config"], stdin=first.stdout)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    values = yaml.safe_load(first.stdout)
+    assert values["preset"] == "tiny" and values["epochs"] == 3 and values["aug"]["rotation_deg"] == 5.0
+    cfg = build_config("stage2", "tiny", {"epochs": 3, "aug.rotation_deg": 5.0})
+    assert {k: v for k, v in flatten(values).items() if k in cfg.flat()} == cfg.flat()
+    # recipe -> preset -> file -> flags: a flag beats the file, the file beats the preset.
+    mixed = _cli(["stage2", "--config", "-", "--epochs", "7", "--print-config"],
+                 stdin="preset: tiny\nepochs: 4\nbatch_size: 16\n")
+    got = yaml.safe_load(mixed.stdout)
+    assert (got["epochs"], got["batch_size"], got["width_mult"]) == (7, 16, 0.25)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: 3\nbogus: 1\n", "--config standard input: unknown key 'bogus' for `pairnet stage2`"),
+    ("epochs: x\n", "--config standard input: epochs: 'x' is not a number"),
+    ("aug:\n  rotation_deg: -1\n", "aug.rotation_deg must be >= 0 (got -1.0)"),
+    ("epochs: [\n", "--config standard input: not valid YAML at line 2"),
+    ("- 1\n", "must be a mapping of option names to values"),
+])
+def test_a_bad_experiment_file_is_one_line_and_exit_2(text, message):
+    proc = _cli(["stage2", "--config", "-", "--print-config"], stdin=text)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_tune_and_pipeline_take_an_experiment_file_too():
+    for command in ("tune", "pipeline"):
+        first = _cli([command, "--preset", "tiny", "--print-config"])
+        assert first.returncode == 0 and yaml.safe_load(first.stdout)["preset"] == "tiny"
+        assert _cli([command, "--config", "-", "--print-config"], stdin=first.stdout).stdout == first.stdout

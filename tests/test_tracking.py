@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -100,16 +101,22 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     assert prob.shape == (len(private),) and np.all((prob >= 0) & (prob <= 1))
 
 
-def test_mlflow_run_explicit_value_wins_over_the_preset(mlflow_server, tiny_data):
-    # tiny's epochs is 2: -P epochs=3 trains 3, and the run shows one value for it.
+def test_mlflow_run_explicit_value_wins_over_the_preset(mlflow_server, tiny_data, tmp_path):
+    # tiny's epochs is 2: -P epochs=3 trains 3, and the run shows one value for it. The experiment
+    # file sits between the preset and the flags: its epochs loses to -P, its rotation wins.
+    config = tmp_path / "experiment.yaml"
+    config.write_text("epochs: 9\naug:\n  rotation_deg: 5\nlabel_smoothing: 0.05\n")
     env = user_env(mlflow_server, "it-explicit")
     proc = mlflow_run("stage1", {"preset": "tiny", "data_dir": tiny_data, "model_name": "compare_cnn",
-                                 "epochs": 3}, env)
+                                 "epochs": 3, "config": config}, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = _runs(MlflowClient(), "it-explicit")
     p = run.data.params
     assert p["epochs"] == "3" and p["cfg.epochs"] == "3"
     assert p["cfg.width_mult"] == "0.25" and p["cfg.patience"] == "0"  # the rest from the preset
+    assert p["cfg.aug.rotation_deg"] == "5.0" and p["cfg.label_smoothing"] == "0.05"  # from the file
+    logged = MlflowClient().download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "got"))
+    assert Path(logged).read_text() == config.read_text()
     assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
 
 

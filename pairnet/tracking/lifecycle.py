@@ -207,3 +207,12 @@ def sweep_orphans(client: MlflowClient | None = None) -> list[tuple[str, str]]:
                     run.data.tags.get("mlflow.runName", "?"))
         swept.append((run.info.run_id, reason))
     return swept
+
+
+CONFIG_ARTIFACT = "config.yaml"
+
+
+def log_config_file(text: str) -> None:
+    """The ``--config`` file a run was started with, as given, on the active run."""
+    if text:
+        mlflow.log_text(text, CONFIG_ARTIFACT)
