@@ -6,6 +6,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pairnet import names
+from pairnet.tracking.evaluation import EVAL_DIR
 from pairnet.tracking.registry import list_registered
 
 STAGE_ORDER = {"pretrain": 0, "stage1": 1, "stage2": 2, "stage3": 3, "tune": 3.5, "stack": 4}
@@ -68,3 +69,42 @@ def stack_comparison(experiment: str | None = None, client: MlflowClient | None 
 
 def registry_state(client: MlflowClient | None = None) -> pd.DataFrame:
     return pd.DataFrame(list_registered(client=client or MlflowClient()))
+
+
+def _table(run_id: str, path: str, client: MlflowClient) -> pd.DataFrame:
+    """An MLflow table artifact (``mlflow.log_table``'s JSON) of a run, as a DataFrame."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, open(client.download_artifacts(run_id, path, tmp)) as fh:
+        return pd.DataFrame(**json.load(fh))
+
+
+def predictions(run_id: str, split: str = "val", client: MlflowClient | None = None) -> pd.DataFrame:
+    """A run's predictions on ``split`` (id, label, probability, predicted), from its evaluation."""
+    return _table(run_id, f"{EVAL_DIR}/{split}/predictions.json", client or MlflowClient())
+
+
+def digit_pair_errors(run_id: str, split: str = "val", client: MlflowClient | None = None) -> pd.DataFrame:
+    """Pairs, errors and error rate per (left, right) digit; empty when the data has no digits."""
+    client = client or MlflowClient()
+    files = {a.path for a in client.list_artifacts(run_id, f"{EVAL_DIR}/{split}")}
+    if f"{EVAL_DIR}/{split}/digit_pair_errors.json" not in files:
+        return pd.DataFrame(columns=["left", "right", "pairs", "errors", "error_rate"])
+    return _table(run_id, f"{EVAL_DIR}/{split}/digit_pair_errors.json", client)
+
+
+def tune_history(experiment: str | None = None, client: MlflowClient | None = None) -> pd.DataFrame:
+    """The newest tune study run's optimisation history (trial, value, best so far); empty if none."""
+    client = client or MlflowClient()
+    runs = client.search_runs(_experiment_ids(client, experiment),
+                              filter_string=f"tags.`{names.TAG_STAGE}` = 'tune' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    parents = [r for r in runs if names.TAG_PARENT not in r.data.tags]
+    if not parents:
+        return pd.DataFrame(columns=["trial", "value", "best_so_far"])
+    run_id = parents[0].info.run_id
+    value = {m.step: m.value for m in client.get_metric_history(run_id, "trial_value")}
+    best = {m.step: m.value for m in client.get_metric_history(run_id, "best_value_so_far")}
+    return pd.DataFrame({"trial": sorted(value), "value": [value[s] for s in sorted(value)],
+                         "best_so_far": [best.get(s) for s in sorted(value)]})
