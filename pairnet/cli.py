@@ -683,9 +683,9 @@ def main(argv: list[str] | None = None) -> int:
             print(dump(args.resolve(args)), end="")
             return 0
         return int(args.func(args) or 0)
-    except PairnetError as err:
+    except PairnetError as err:  # exit 2: a usage error (bad input); 1: the work failed
         print(f"pairnet: error: {mask_url(str(err))}", file=sys.stderr)  # no password in any message
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("pairnet: interrupted", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from pairnet.errors import PairnetError
+from pairnet.errors import PairnetError, PairnetRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -133,5 +133,6 @@ def report_failures(results: list[dict], what: str) -> list[dict]:
     if failed:
         mlflow.set_tag("pairnet.failed_members", "; ".join(f"{r['run_name']}: {r['error']}" for r in failed)[:5000])
         names = ", ".join(r["run_name"] for r in failed)
-        raise PairnetError(f"{len(failed)} of {len(results)} {what} failed ({names}); the others are registered")
+        raise PairnetRuntimeError(f"{len(failed)} of {len(results)} {what} failed ({names}); the others are "
+                                  "registered")
     return results

@@ -52,7 +52,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from pairnet import names
 from pairnet.dburl import check_connects, with_driver
-from pairnet.errors import PairnetError
+from pairnet.errors import PairnetError, PairnetRuntimeError
 from pairnet.models import create_model
 from pairnet.serving import load_pair_dir, save_pair_dir
 from pairnet.paths import data_dir as default_data_dir
@@ -465,7 +465,7 @@ class _Workers:
         self.bury(w, f"tune worker pid {pid} died (exit code {code})", "FAILED", requeue=True)
         self.slots.give_back(index)
         if self.deaths > self.max_respawns:
-            raise PairnetError(f"tune workers died {self.deaths} times (last: pid {pid}, exit code {code}); "
+            raise PairnetRuntimeError(f"tune workers died {self.deaths} times (last: pid {pid}, exit code {code}); "
                                f"gave up after {self.max_respawns} replacements")
         if self.slots.remaining() > 0 and (self.deadline is None or time.time() < self.deadline):
             self.spawn()

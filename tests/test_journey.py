@@ -66,10 +66,9 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
+def _chromium(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -77,7 +76,13 @@ def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _chromium(tmp_path)
     try:
         exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
         assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -99,5 +104,39 @@ def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
         shot = shots / "ui_models.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+    finally:
+        driver.quit()
+
+
+def test_tune_history_chart_and_offline_plot_in_chromium(mlflow_server, tiny_data, tmp_path):
+    """The study's parent run charts trial_value in the MLflow UI, and Optuna's own plot opens
+    from a file with no network at all (plotly.js inside the page)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from pairnet.cli import main
+
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = "it-tune-ui"
+    try:
+        assert main(["tune", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", "compare_cnn",
+                     "--epochs", "1", "--n-trials", "3", "--storage", str(tmp_path / "study.journal")]) == 0
+    finally:
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("it-tune-ui")
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "trial_value")] == [0, 1, 2]
+    page = client.download_artifacts(parent.info.run_id, "optuna/optimization_history.html", str(tmp_path))
+    driver = _chromium(tmp_path)
+    try:
+        driver.get(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/model-metrics")
+        WebDriverWait(driver, 90).until(lambda d: "best_value_so_far" in d.find_element("tag name", "body").text)
+        assert "trial_value" in driver.find_element("tag name", "body").text
+        shots = ROOT / "data" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shots / "ui_tune_history.png"))
+        driver.get(Path(page).as_uri())  # a file, no server, no CDN: plotly.js must be in the page
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+            "return document.querySelectorAll('.plotly .main-svg').length") > 0)
+        assert driver.execute_script("return typeof Plotly") == "object"
     finally:
         driver.quit()

@@ -63,7 +63,7 @@ def test_a_failed_member_fails_alone(mlflow_server, tiny_data, monkeypatch, caps
         return real_fit(model, train, val, cfg, **kw)
 
     monkeypatch.setattr(stages, "fit", fit)
-    assert _stage3(tiny_data, "it-jobs-fail", "--jobs", "1") == 2
+    assert _stage3(tiny_data, "it-jobs-fail", "--jobs", "1") == 1  # the work failed, the inputs were fine
     assert "1 of 2 stage 3 members failed (stage3/improved_v2/seed2)" in capsys.readouterr().err
     parent, children = _family(MlflowClient(), "it-jobs-fail")
     assert parent.info.status == "FAILED" and "injected" in parent.data.tags["pairnet.failed_members"]

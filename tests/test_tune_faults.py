@@ -79,7 +79,7 @@ def test_workers_that_keep_dying_end_in_one_line(mlflow_server, tiny_data, tmp_p
                 pass
         time.sleep(0.1)
     lines = _finish(proc, err_path, timeout=60).strip().splitlines()
-    assert proc.returncode == 2, lines[-20:]
+    assert proc.returncode == 1, lines[-20:]  # a runtime failure, not a usage error
     assert [line for line in lines if line.startswith("pairnet: error:")] == lines[-1:]
     assert lines[-1].startswith("pairnet: error: tune workers died 5 times") and len(killed) >= 5
     runs = _runs(MlflowClient(), experiment)
