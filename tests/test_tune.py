@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_tune_nested_trials_resumable_study(mlflow_server, tiny_data, tmp_path):
     # The plots carry plotly.js themselves: no CDN script, so they open offline.
     page = Path(client.download_artifacts(parent.info.run_id, "optuna/optimization_history.html", str(tmp_path)))
     html = page.read_text()
-    assert "cdn.plot.ly" not in html and "<script src=\"http" not in html and len(html) > 1_000_000
+    assert not re.search(r"<script[^>]*src=\"https?://", html) and len(html) > 1_000_000
 
     # The same study again: 2 more trials, 6 in storage, nothing lost.
     proc = mlflow_run("tune", {**common, "n_trials": 2}, env)

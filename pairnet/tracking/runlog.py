@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 import torch
 
 from pairnet import names
@@ -57,7 +59,7 @@ def log_start(cfg: TrainConfig, model, splits: Splits, extra: dict):
     for pairs, context in ((splits.train, "training"), (splits.val, "validation")):
         logged[context] = mlflow.data.from_numpy(pairs.x, targets=pairs.y, source=_local_file_source(pairs.source),
                                                  name=Path(pairs.source).stem)
-        mlflow.log_input(logged[context], context=context)
+        log_input(logged[context], context)
     return logged["validation"]
 
 
@@ -65,7 +67,21 @@ def log_evaluation_input(pairs) -> None:
     """The labelled test set as the run's ``evaluation`` dataset input."""
     dataset = mlflow.data.from_numpy(pairs.x, targets=pairs.y, source=_local_file_source(pairs.source),
                                      name=Path(pairs.source).stem)
-    mlflow.log_input(dataset, context="evaluation")
+    log_input(dataset, "evaluation")
+
+
+def log_input(dataset, context: str, attempts: int = 4) -> None:
+    """``mlflow.log_input``, again when the store refuses it for a duplicate dataset: runs logging the
+    same dataset at once (stage 3 workers) race to create its row, and the loser finds it next time."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as err:
+            duplicate = "unique constraint" in str(err).lower()
+            if not duplicate or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def fusion_ablation(model, val, dev, cfg: TrainConfig) -> dict[str, float]:
