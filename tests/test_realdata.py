@@ -25,6 +25,7 @@ from pairnet.tracking.registry import champion_version, promote
 pytestmark = pytest.mark.integration
 
 TOWER = "pairnet-pretrain-resnet_optimized"
+SEED = 7
 STEPS = {"pretrain/resnet_optimized/seed42", "stage2/resnet_optimized/seed42", "stage3/resnet_fusion/seed42",
          "stage2/resnet_optimized/seed42/scratch", "stack", "predict"}
 
@@ -51,8 +52,9 @@ def user_run(mlflow_server, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PAIRNET_DATA_DIR", str(root / "own"))
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "it-realdata")
-        first = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu"))
-        second = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu"))
+        # Data seed 7: this folder's default set (and so its tower) is not the journey's (seed 42).
+        first = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu", seed=SEED))
+        second = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu", seed=SEED))
         yield {"root": root, "user": user, "before": before, "first": first, "second": second, "mp": mp}
 
 
@@ -111,7 +113,7 @@ def test_finetuning_starts_from_the_exact_pretrained_version_not_the_alias(user_
     promote(TOWER, other["version"])
     assert champion_version(TOWER).version == other["version"] != ours
     mp.setitem(PRESETS["tiny"], "finetune", {**PRESETS["tiny"]["finetune"], "label_smoothing": 0.05})
-    third = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu"))
+    third = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu", seed=SEED))
     assert "pretrain/resnet_optimized/seed42" in third["reused"]
     rerun = [c for c in _children(third["run_id"]) if c.data.tags.get("pairnet.init_from")]
     assert len(rerun) == 2 and {c.data.tags["pairnet.init_from"] for c in rerun} == {f"models:/{TOWER}/{ours}"}
