@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
+import io
 import sys
 from dataclasses import dataclass
 
 import pytest
 import yaml
 
-from pairnet.cli import OneLineParser, add_config_args, build_parser, config_values
+from pairnet.cli import OneLineParser, add_config_args, build_parser, config_values, main
 from pairnet.errors import PairnetError
 from pairnet.presets import PRESETS, STAGE_RECIPE, build_config
 from pairnet.train import TrainConfig
@@ -212,12 +212,18 @@ def test_verbose_and_quiet_exclude_each_other(capsys):
     assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
-def _cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pairnet", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
+@pytest.fixture
+def _cli(monkeypatch, capsys):
+    """``pairnet ARGS`` in this process, standard input given: (exit status, stdout, stderr)."""
+    def run(args: list[str], stdin: str = "") -> argparse.Namespace:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(args)
+        out, err = capsys.readouterr()
+        return argparse.Namespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
-def test_print_config_reads_back_through_config_to_the_same_run():
+def test_print_config_reads_back_through_config_to_the_same_run(_cli):
     first = _cli(["stage2", "--preset", "tiny", "--epochs", "3", "--aug.rotation-deg", "5", "--print-config"])
     assert first.returncode == 0, first.stderr
     again = _cli(["stage2", "--config", "-", "--print-config"], stdin=first.stdout)
@@ -240,12 +246,12 @@ def test_print_config_reads_back_through_config_to_the_same_run():
     ("epochs: [\n", "--config standard input: not valid YAML at line 2"),
     ("- 1\n", "must be a mapping of option names to values"),
 ])
-def test_a_bad_experiment_file_is_one_line_and_exit_2(text, message):
+def test_a_bad_experiment_file_is_one_line_and_exit_2(_cli, text, message):
     proc = _cli(["stage2", "--config", "-", "--print-config"], stdin=text)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_tune_and_pipeline_take_an_experiment_file_too():
+def test_tune_and_pipeline_take_an_experiment_file_too(_cli):
     for command in ("tune", "pipeline"):
         first = _cli([command, "--preset", "tiny", "--print-config"])
         assert first.returncode == 0 and yaml.safe_load(first.stdout)["preset"] == "tiny"
