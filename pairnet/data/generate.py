@@ -94,15 +94,6 @@ class GenConfig:
     shear: float = 0.2
     shift_px: float = 6.5
     stroke: tuple[float, float] = (-1.0, 0.6)  # stroke-width blend: -1 eroded, 0 as drawn, 1 dilated
-    # Elastic distortion (Simard et al. 2003): a smooth random displacement field per digit,
-    # its rms drawn uniformly in elastic_px (pixels), smoothed by a Gaussian of elastic_sigma px.
-    # Affine maps bend no strokes; the real writers' do. (0, 0): off.
-    elastic_px: tuple[float, float] = (0.0, 0.0)
-    elastic_sigma: float = 4.0
-    # Uneven ink: stroke brightness times (1 + ink_var · a smooth unit-sd field), so a pen
-    # stroke fades and darkens along its length instead of one brightness per digit. 0: off.
-    ink_var: float = 0.0
-    ink_sigma: float = 3.0
 
     def validate(self) -> None:
         if self.size not in SIZES:
@@ -115,10 +106,6 @@ class GenConfig:
             raise PairnetError(f"neighbour share {self.neighbour_share} is outside [0, 1]")
         if not 0 < self.scale_min <= self.scale_max:
             raise PairnetError(f"scale range {self.scale_min}..{self.scale_max} must satisfy 0 < min <= max")
-        if not 0 <= self.elastic_px[0] <= self.elastic_px[1]:
-            raise PairnetError(f"elastic_px range {self.elastic_px} must satisfy 0 <= min <= max")
-        if self.elastic_sigma <= 0 or self.ink_sigma <= 0 or self.ink_var < 0:
-            raise PairnetError("elastic_sigma and ink_sigma must be > 0, ink_var >= 0")
 
 
 def base_scans(bases: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
@@ -208,11 +195,6 @@ def render(scans: np.ndarray, cfg: GenConfig, rng: np.random.Generator) -> torch
         [np.stack([cos, -sin + cos * shear, shift[:, 0]], 1), np.stack([sin, cos + sin * shear, shift[:, 1]], 1)], 1
     )
     grid = F.affine_grid(torch.from_numpy(theta).float(), [m, 1, 28, 28], align_corners=False)
-    if cfg.elastic_px[1] > 0:  # drawn only when on, so a set made with it off is unchanged
-        rms = torch.from_numpy(rng.uniform(*cfg.elastic_px, m)).float()[:, None, None, None]
-        field = _haze(2 * m, cfg.elastic_sigma, rng)
-        field = (field / field.std(dim=(1, 2), keepdim=True)).view(2, m, 28, 28).permute(1, 2, 3, 0)  # rms 1 px
-        grid = grid + field * rms * (2 / 28)  # pixels to normalised coordinates
     img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # Stroke width: blend towards a 3×3 dilation (thicker) or erosion (thinner).
     w = torch.from_numpy(rng.uniform(*cfg.stroke, m)).float()[:, None, None, None]
@@ -220,8 +202,6 @@ def render(scans: np.ndarray, cfg: GenConfig, rng: np.random.Generator) -> torch
     thin = -F.max_pool2d(-img, 3, 1, 1)
     img = torch.where(w > 0, img + w * (thick - img), img + (-w) * (thin - img))
     img = img[:, 0]
-    if cfg.ink_var > 0:
-        img = img * (1 + cfg.ink_var * _haze(m, cfg.ink_sigma, rng)).clamp_min(0.15)
     return img / img.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
 
