@@ -15,7 +15,7 @@
    stratified split cut from the training folds.
 
 Usage: python bench/real_bench.py --pairs ../shared/realdev/real_dev.npz [--folds 5]
-       [--init-from URI | --tower PATH] [--epochs N] [--select last|inner]
+       [--init-from URI | --tower PATH] [--epochs N] [--select last|inner] [--ft key=value]
 Last line: a JSON object of the figures.
 """
 
@@ -122,11 +122,22 @@ def load_tower(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-def arm_configs(variant: str, epochs: int | None):
-    """Fine-tuning: the settings a stage gets with init_from at quick; scratch: the stage's
-    quick settings with the same epochs and no early stop."""
+def parse_overrides(items: list[str], current: dict) -> dict:
+    """``--ft key=value`` TrainConfig overrides of the fine-tuned arm, typed as the current values."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        kind = type(current.get(key))
+        out[key] = value.lower() == "true" if kind is bool else kind(value) if kind in (int, float) else value
+    return out
+
+
+def arm_configs(variant: str, epochs: int | None, ft_over: list[str]):
+    """Fine-tuning: the settings a stage gets with init_from at quick (then any --ft values);
+    scratch: the stage's quick settings with the same epochs and no early stop."""
     ft = build_config("stage2", "quick", {"model_name": variant, "init_from": "models:/real-bench@tower",
                                           **({"epochs": epochs} if epochs else {})})
+    ft = ft.updated(parse_overrides(ft_over, ft.flat())).validate() if ft_over else ft
     ft = replace(ft, init_from="", patience=0)
     scratch = build_config("stage2", "quick", {"model_name": variant, "epochs": ft.epochs, "patience": 0})
     return {"finetuned": ft, "scratch": scratch}
@@ -171,6 +182,8 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=0, help="0: the quick preset's")
     ap.add_argument("--gen", action="append", default=[], help="GenConfig override key=value (repeatable)")
     ap.add_argument("--zero-shot-only", action="store_true", help="only the zero-shot figures (a cheap filter)")
+    ap.add_argument("--ft", action="append", default=[], help="TrainConfig override key=value of the fine-tuned arm")
+    ap.add_argument("--arms", default="finetuned,scratch", help="trained arms to run (comma-separated)")
     args = ap.parse_args()
     dev = pick_device()
     t0 = time.perf_counter()
@@ -180,7 +193,8 @@ def main() -> None:
     pretrained, info = load_tower(args, dev)
     amp = amp_dtype("auto", dev)
     print(f"tower: {info['source']}, default-data val acc {info['val_acc']}, {info['seconds']} s")
-    configs = arm_configs(args.variant, args.epochs)
+    configs = arm_configs(args.variant, args.epochs, args.ft)
+    configs = {arm: cfg for arm, cfg in configs.items() if arm in args.arms.split(",")}
     folds = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
     per_fold: dict[str, list[float]] = {"zero_shot": [], "finetuned": [], "scratch": []}
     arm_seconds = {"finetuned": 0.0, "scratch": 0.0}
