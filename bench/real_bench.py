@@ -42,7 +42,11 @@ from pairnet.train.loop import Callback, amp_dtype, evaluate
 
 # The settings each arm reports in the JSON.
 REPORTED = ("model_name", "width_mult", "feat_dim", "epochs", "batch_size", "lr", "tower_lr_mult", "freeze_epochs",
-            "augment", "scheduler", "patience", "seed", "aux_digit_weight", "loss")
+            "augment", "aug", "scheduler", "patience", "seed", "aux_digit_weight", "loss")
+
+
+def settings(cfg) -> dict:
+    return {k: asdict(getattr(cfg, k)) if k == "aug" else getattr(cfg, k) for k in REPORTED}
 
 
 class LastEpoch(Callback):
@@ -76,6 +80,7 @@ def pretrain(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
     """The quick pretrain step on a freshly made default set."""
     over = {"model_name": args.variant, **({"epochs": args.pretrain_epochs} if args.pretrain_epochs else {})}
     cfg = build_config("pretrain", "quick", over)
+    cfg = cfg.updated(parse_overrides(args.pt, cfg.flat())).validate() if args.pt else cfg
     gen = GenConfig(size=args.pretrain_size, seed=42, **parse_gen(args.gen))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +98,7 @@ def pretrain(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
             "seconds": round(time.perf_counter() - t1, 1), "data_seconds": round(data_s, 1),
             "train_pairs": len(train), "gen": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in asdict(gen).items()},
-            "settings": {k: getattr(cfg, k) for k in REPORTED}}
+            "settings": settings(cfg)}
     return model, info
 
 
@@ -182,6 +187,7 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=0, help="0: the quick preset's")
     ap.add_argument("--gen", action="append", default=[], help="GenConfig override key=value (repeatable)")
     ap.add_argument("--zero-shot-only", action="store_true", help="only the zero-shot figures (a cheap filter)")
+    ap.add_argument("--pt", action="append", default=[], help="TrainConfig override key=value of the pretraining")
     ap.add_argument("--ft", action="append", default=[], help="TrainConfig override key=value of the fine-tuned arm")
     ap.add_argument("--arms", default="finetuned,scratch", help="trained arms to run (comma-separated)")
     args = ap.parse_args()
@@ -219,7 +225,7 @@ def main() -> None:
                 "arm_seconds": {k: round(v, 1) for k, v in arm_seconds.items()},
                 "pretrain_val_acc": info["val_acc"], "pretrain_seconds": info["seconds"], "pretrain": info,
                 "settings": {"zero_shot": {"model": pretrained.spec, "training": "none"},
-                             **{arm: {k: getattr(cfg, k) for k in REPORTED} | {"from": "pretrained tower"
+                             **{arm: settings(cfg) | {"from": "pretrained tower"
                                 if arm == "finetuned" else "random weights"} for arm, cfg in configs.items()}}})
     print(json.dumps(out))
 
