@@ -1,0 +1,235 @@
+"""How well does the pretrained tower read real handwriting, and how much do real labels add?
+
+1. The tower: pretrained on the default data exactly as the pipeline's quick pretrain step
+   does (``build_config("pretrain", "quick", ...)``, the default quick set at seed 42, a digit
+   head, ``fit``), or fetched with ``--init-from models:/...`` (needs MLFLOW_TRACKING_URI).
+   ``--tower PATH`` saves it after pretraining and reuses it on later calls.
+2. Real pairs (``--pairs``, e.g. ../shared/realdev/real_dev.npz), read by path only, split
+   into stratified folds. On each held-out fold three figures:
+   - zero_shot: the pretrained model's pair output, no training on real pairs;
+   - finetuned: the tower copied (``copy_matching``) into a fresh model, trained on the other
+     folds with the settings a stage gets with ``init_from`` at the quick preset;
+   - scratch: the same model from random weights, same epochs, batch and seed.
+   Nothing is selected on the held-out fold: ``--select last`` (default) reports the last
+   epoch of a fixed number of epochs; ``--select inner`` picks the best epoch on an inner
+   stratified split cut from the training folds.
+
+Usage: python bench/real_bench.py --pairs ../shared/realdev/real_dev.npz [--folds 5]
+       [--init-from URI | --tower PATH] [--epochs N] [--select last|inner] [--ft key=value]
+Last line: a JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from pairnet.data.generate import FILES, SIZES, GenConfig, make_dataset
+from pairnet.data.pairs import PairSet, load_pairs
+from pairnet.models import create_model
+from pairnet.models.transfer import copy_matching
+from pairnet.presets import build_config
+from pairnet.train import fit, pick_device
+from pairnet.train.loop import Callback, amp_dtype, evaluate
+
+# The settings each arm reports in the JSON.
+REPORTED = ("model_name", "width_mult", "feat_dim", "epochs", "batch_size", "lr", "tower_lr_mult", "freeze_epochs",
+            "augment", "aug", "scheduler", "patience", "seed", "aux_digit_weight", "loss")
+
+
+def settings(cfg) -> dict:
+    return {k: asdict(getattr(cfg, k)) if k == "aug" else getattr(cfg, k) for k in REPORTED}
+
+
+class LastEpoch(Callback):
+    """Keeps the weights of the last epoch run (``fit`` restores the best-validation ones)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.state = model, None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+
+def subset(pairs: PairSet, idx: np.ndarray, name: str) -> PairSet:
+    return PairSet(x=pairs.x[idx], y=pairs.y[idx], source=f"{pairs.source}[{name}]")
+
+
+def parse_gen(items: list[str]) -> dict:
+    """``--gen key=value`` overrides of GenConfig fields (for generator experiments)."""
+    types = {f.name: f.type for f in fields(GenConfig)}
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"--gen {item}: GenConfig has no field '{key}' (fields: {', '.join(types)})")
+        default = getattr(GenConfig(), key)
+        out[key] = tuple(float(v) for v in value.split(",")) if isinstance(default, tuple) else type(default)(value)
+    return out
+
+
+def pretrain(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The quick pretrain step on a freshly made default set."""
+    over = {"model_name": args.variant, **({"epochs": args.pretrain_epochs} if args.pretrain_epochs else {})}
+    cfg = build_config("pretrain", "quick", over)
+    cfg = cfg.updated(parse_overrides(args.pt, cfg.flat())).validate() if args.pt else cfg
+    gen = GenConfig(size=args.pretrain_size, seed=42, **parse_gen(args.gen))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(tmp, gen)
+        train, val = load_pairs(Path(tmp, FILES["train"])), load_pairs(Path(tmp, FILES["val"]))
+    if args.pretrain_train:
+        train = PairSet(x=train.x[:args.pretrain_train], y=train.y[:args.pretrain_train],
+                        extras={k: v[:args.pretrain_train] for k, v in train.extras.items()}, source=train.source)
+    data_s = time.perf_counter() - t0
+    torch.manual_seed(cfg.seed)  # as the stage does: initial weights follow the seed alone
+    model = create_model(cfg.model_name, digit_head=True, **cfg.model_overrides())
+    t1 = time.perf_counter()
+    res = fit(model, train, val, cfg, device=dev)
+    info = {"source": "pretrained here", "val_acc": round(res.best_val_acc, 4), "best_epoch": res.best_epoch,
+            "seconds": round(time.perf_counter() - t1, 1), "data_seconds": round(data_s, 1),
+            "train_pairs": len(train), "gen": {k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in asdict(gen).items()},
+            "settings": settings(cfg)}
+    return model, info
+
+
+def load_tower(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
+    """From --init-from, from a saved --tower file, or pretrained here (and saved to --tower)."""
+    if args.init_from:
+        from pairnet.tracking.init_from import fetch_init_source
+
+        source = fetch_init_source(args.init_from)
+        kwargs = {k: v for k, v in source.spec.items() if k not in ("name", "builder")}
+        model = create_model(source.spec["name"], **kwargs)
+        model.load_state_dict(source.state)
+        return model, {"source": source.uri, "run_id": source.run_id, "val_acc": None, "seconds": 0.0}
+    tower = Path(args.tower) if args.tower else None
+    if tower is not None and tower.exists():
+        saved = torch.load(tower, map_location="cpu", weights_only=True)
+        kwargs = {k: v for k, v in saved["spec"].items() if k not in ("name", "builder")}
+        model = create_model(saved["spec"]["name"], **kwargs)
+        model.load_state_dict(saved["state"])
+        return model, {**json.loads(saved["info"]), "source": f"{tower} (saved earlier)"}
+    model, info = pretrain(args, dev)
+    if tower is not None:
+        tower.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "spec": model.spec,
+                    "info": json.dumps(info)}, tower)
+    return model, info
+
+
+def parse_overrides(items: list[str], current: dict) -> dict:
+    """``--ft key=value`` TrainConfig overrides of the fine-tuned arm, typed as the current values."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        kind = type(current.get(key))
+        out[key] = value.lower() == "true" if kind is bool else kind(value) if kind in (int, float) else value
+    return out
+
+
+def arm_configs(variant: str, epochs: int | None, ft_over: list[str]):
+    """Fine-tuning: the settings a stage gets with init_from at quick (then any --ft values);
+    scratch: the stage's quick settings with the same epochs and no early stop."""
+    ft = build_config("stage2", "quick", {"model_name": variant, "init_from": "models:/real-bench@tower",
+                                          **({"epochs": epochs} if epochs else {})})
+    ft = ft.updated(parse_overrides(ft_over, ft.flat())).validate() if ft_over else ft
+    ft = replace(ft, init_from="", patience=0)
+    scratch = build_config("stage2", "quick", {"model_name": variant, "epochs": ft.epochs, "patience": 0})
+    return {"finetuned": ft, "scratch": scratch}
+
+
+def train_arm(cfg, source: torch.nn.Module | None, train: PairSet, select: str, seed: int, dev) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model_name, **cfg.model_overrides())
+    if source is not None:
+        copy_matching(model, source.state_dict(), source_spec=source.spec, source="pretrained tower")
+    if select == "inner":  # best epoch on an inner split of the training folds
+        fit_idx, sel_idx = train_test_split(np.arange(len(train)), test_size=0.2, stratify=train.y, random_state=seed)
+        fit(model, subset(train, fit_idx, "inner-train"), subset(train, sel_idx, "inner-val"), cfg, device=dev)
+        return model
+    # last epoch: fit needs a val set; the training folds serve (bookkeeping only, nothing is chosen on it)
+    last = LastEpoch(model)
+    fit(model, train, train, cfg, device=dev, callbacks=[last])
+    model.load_state_dict(last.state)
+    return model
+
+
+def acc(model, pairs: PairSet, dev, amp) -> float:
+    return float(evaluate(model, pairs.x, pairs.y, device=dev, amp=amp)["val_acc"])
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    return round(float(np.mean(values)), 4), round(float(np.std(values)), 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", required=True, help="real labelled pairs (.npz), read by path")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--fold-seed", type=int, default=0, help="StratifiedKFold shuffle seed")
+    ap.add_argument("--init-from", default="", help="registry URI of a pretrained model (skips pretraining)")
+    ap.add_argument("--tower", default="", help="file: save the pretrained model there, reuse it when it exists (the pretrain "
+                    "flags are then ignored; the JSON's pretrain block says how it was made)")
+    ap.add_argument("--variant", default="resnet_optimized")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs of both trained arms (0: the quick finetune's)")
+    ap.add_argument("--select", default="last", choices=("last", "inner"))
+    ap.add_argument("--pretrain-size", default="quick", choices=sorted(SIZES))
+    ap.add_argument("--pretrain-train", type=int, default=0, help="cut the pretrain train split to N pairs (0: all)")
+    ap.add_argument("--pretrain-epochs", type=int, default=0, help="0: the quick preset's")
+    ap.add_argument("--gen", action="append", default=[], help="GenConfig override key=value (repeatable)")
+    ap.add_argument("--zero-shot-only", action="store_true", help="only the zero-shot figures (a cheap filter)")
+    ap.add_argument("--pt", action="append", default=[], help="TrainConfig override key=value of the pretraining")
+    ap.add_argument("--ft", action="append", default=[], help="TrainConfig override key=value of the fine-tuned arm")
+    ap.add_argument("--arms", default="finetuned,scratch", help="trained arms to run (comma-separated)")
+    args = ap.parse_args()
+    dev = pick_device()
+    t0 = time.perf_counter()
+    real = load_pairs(args.pairs)
+    real.require_labels()
+
+    pretrained, info = load_tower(args, dev)
+    amp = amp_dtype("auto", dev)
+    print(f"tower: {info['source']}, default-data val acc {info['val_acc']}, {info['seconds']} s")
+    configs = arm_configs(args.variant, args.epochs, args.ft)
+    configs = {arm: cfg for arm, cfg in configs.items() if arm in args.arms.split(",")}
+    folds = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
+    per_fold: dict[str, list[float]] = {"zero_shot": [], "finetuned": [], "scratch": []}
+    arm_seconds = {"finetuned": 0.0, "scratch": 0.0}
+    for k, (train_idx, test_idx) in enumerate(folds.split(real.x, real.y)):
+        train, test = subset(real, train_idx, f"fold{k}-train"), subset(real, test_idx, f"fold{k}-test")
+        per_fold["zero_shot"].append(round(acc(pretrained, test, dev, amp), 4))
+        if not args.zero_shot_only:
+            for arm, cfg in configs.items():
+                t = time.perf_counter()
+                model = train_arm(cfg, pretrained if arm == "finetuned" else None, train, args.select, k, dev)
+                per_fold[arm].append(round(acc(model, test, dev, amp), 4))
+                arm_seconds[arm] += time.perf_counter() - t
+        print(f"fold {k}: " + "  ".join(f"{arm} {v[-1]:.4f}" for arm, v in per_fold.items() if v))
+
+    out = {"bench": "real", "pairs": args.pairs, "n_pairs": len(real), "folds": args.folds,
+           "fold_seed": args.fold_seed, "select": args.select, "device": str(dev),
+           "zero_shot_all_acc": round(acc(pretrained, real, dev, amp), 4)}
+    for arm, values in per_fold.items():
+        if values:
+            out[f"{arm}_acc"], out[f"{arm}_std"] = summary(values)
+    out.update({"per_fold": per_fold, "seconds": round(time.perf_counter() - t0, 1),
+                "arm_seconds": {k: round(v, 1) for k, v in arm_seconds.items()},
+                "pretrain_val_acc": info["val_acc"], "pretrain_seconds": info["seconds"], "pretrain": info,
+                "settings": {"zero_shot": {"model": pretrained.spec, "training": "none"},
+                             **{arm: settings(cfg) | {"from": "pretrained tower"
+                                if arm == "finetuned" else "random weights"} for arm, cfg in configs.items()}}})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
