@@ -178,8 +178,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold-seed", type=int, default=0, help="StratifiedKFold shuffle seed")
     ap.add_argument("--init-from", default="", help="registry URI of a pretrained model (skips pretraining)")
-    ap.add_argument("--tower", default="", help="file: save the pretrained model there, reuse it when it exists (the pretrain "
-                    "flags are then ignored; the JSON's pretrain block says how it was made)")
+    ap.add_argument("--tower", default="", help="file: save the pretrained model there, reuse it when it exists "
+                    "(the pretrain flags are then ignored; the JSON's pretrain block says how it was made)")
     ap.add_argument("--variant", default="resnet_optimized")
     ap.add_argument("--epochs", type=int, default=0, help="epochs of both trained arms (0: the quick finetune's)")
     ap.add_argument("--select", default="last", choices=("last", "inner"))
