@@ -168,23 +168,26 @@ def run_pipeline(req: PipelineRequest) -> dict:
         return _run_locked(req, preset, d)
 
 
-def pretrain_splits(req: PipelineRequest, preset: dict, splits):
-    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``)."""
+def pretrain_splits(req: PipelineRequest, preset: dict, splits) -> tuple:
+    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``) and the
+    training values that pretraining adds (the preset's ``tower`` profile, for pairnet's own set)."""
     if req.pretrain_data_dir:
-        return load_splits(req.pretrain_data_dir, req.preset)
+        return load_splits(req.pretrain_data_dir, req.preset), {}
     if digit_labels(splits.train) is not None:
-        return splits
-    folder = default_set_dir(preset["data_size"])
-    gen = GenConfig(size=preset["data_size"], seed=req.seed)
-    # Byte-identical to the default set the main job makes in data/ (same seed, same bytes), so
-    # the pretrain step's key, which hashes the files, finds the tower that run registered.
+        return splits, {}
+    tower = dict(preset.get("tower", {}))
+    size = tower.pop("data_size", preset["data_size"])
+    folder = default_set_dir(size)
+    gen = GenConfig(size=size, seed=req.seed)
+    # Byte-identical to the default set of that size made anywhere else (same seed, same bytes),
+    # so the pretrain step's key, which hashes the files, finds a tower made from it before.
     if has_pair_files(folder) and not _meta_matches(folder, gen):
         log.warning("%s holds an older default set: making the %s set again", folder, gen.size)
         make_dataset(folder, gen, force=True)
     ensure_dataset(folder, size=gen.size, seed=gen.seed, severity=gen.severity)
     log.info("step pretrain: %s has no digit labels; the towers pretrain on the default %s set in %s",
              splits.data_dir, gen.size, folder)
-    return load_splits(folder, req.preset)
+    return load_splits(folder, req.preset), tower
 
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
@@ -213,13 +216,14 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         else:
             _run_data_step(d, gen, parent)
         splits = load_splits(d, req.preset)
-        pre_splits = pretrain_splits(req, preset, splits)
+        pre_splits, tower = pretrain_splits(req, preset, splits)
 
         # stage 0: pretrained towers, then the base models started from the exact versions
         # these steps registered or reused (not whichever version holds the alias now)
         pretrained = {}
         for variant in PRETRAIN[req.preset]:
-            row = _train_step("pretrain", variant, 42, None, req, pre_splits, code, env, client, parent, reused)
+            row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent, reused,
+                               overrides=tower)[0]
             rows.append(row)
             pretrained[variant] = f"models:/{row['name']}/{row['version']}"
             if pre_splits.data_dir != splits.data_dir:  # the tower on the user's data, untouched
@@ -228,7 +232,10 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
                                 for stage, variant, seed, init in PLANS[req.preset]],
                                req, splits, code, env, client, parent, reused)
         rows += trained
-        base = trained[:-1]  # the from-scratch twin is a reference row, not a base model
+        # The from-scratch twin is a reference row, not a base model. A tower pretrained on other
+        # data (the default set, for a folder without digit labels) is one: untouched by the
+        # folder's labels, it errs differently from the models fine-tuned on them.
+        base = trained[:-1] + [r for r in rows if r.get("zero_shot")]
 
         # stack over exactly the versions above
         uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
@@ -288,14 +295,14 @@ def _suffix(row: dict) -> str:
 
 
 def train_key(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest,
-              splits, code: str, env: dict) -> tuple:
+              splits, code: str, env: dict, overrides: dict | None = None) -> tuple:
     """A training step's config, registered name, label and key. The key holds the whole
     config (init_from's exact version included), where it runs, the files it reads, the code
     and the library versions: a change to any of them reruns the step and, through the new
     version it registers, every step started from it."""
     from pairnet.stages import registered_for
 
-    explicit = {"model_name": variant, "seed": seed}
+    explicit = {**(overrides or {}), "model_name": variant, "seed": seed}
     if init_from:
         explicit["init_from"] = init_from
         # Digit supervision wherever the data has digit labels (the default set does).
@@ -319,14 +326,8 @@ def predict_key(model_uri: str, d: Path, code: str, env: dict) -> str:
     return step_key("predict", {"model": model_uri}, code, reads_digest(d, PREDICT_READS), env)
 
 
-def _train_step(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest, splits,
-                code: str, env: dict, client: MlflowClient, parent: str, reused: list) -> dict:
-    """One training step: reuse the FINISHED run with the same key, or train it now."""
-    return _train_steps([(stage, variant, seed, init_from)], req, splits, code, env, client, parent, reused)[0]
-
-
 def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, env: dict, client: MlflowClient,
-                 parent: str, reused: list) -> list[dict]:
+                 parent: str, reused: list, overrides: dict | None = None) -> list[dict]:
     """Independent training steps (stage, variant, seed, init_from): each reuses the FINISHED
     run with its key, the others train, ``req.jobs`` at a time in worker processes."""
     from pairnet.parallel import Member, member_device, report_failures, train_members
@@ -334,7 +335,7 @@ def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, en
     rows: list[dict | None] = []
     todo: list[tuple[int, Member, str]] = []
     for stage, variant, seed, init_from in steps:
-        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env)
+        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env, overrides)
         done = find_finished(key, client)
         if done is not None and _version_exists(done, client):
             log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
