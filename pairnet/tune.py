@@ -57,7 +57,7 @@ from pairnet.models import create_model
 from pairnet.serving import load_pair_dir, save_pair_dir
 from pairnet.paths import data_dir as default_data_dir
 from pairnet.paths import folder_key, is_own_data_dir, state_dir
-from pairnet.parallel import member_device, usable_cpus
+from pairnet.pool import member_device, usable_cpus
 from pairnet.presets import build_config
 from pairnet.proc import ProcessId
 from pairnet.redact import mask_url
@@ -67,7 +67,8 @@ from pairnet.tracking.callback import MlflowCallback
 from pairnet.tracking.init_from import fetch_init_source
 from pairnet.tracking.lifecycle import Terminated, log_config_file, sigterm_raises, signals_ignored, tracked_run
 from pairnet.tracking.model import accuracy_on, log_pair_model
-from pairnet.train.loop import Callback, fit, pick_device
+from pairnet.device import pick_device
+from pairnet.train.loop import Callback, fit
 from pairnet.data.splits import load_splits
 from pairnet.tracking.session import setup_tracking
 

@@ -147,13 +147,13 @@ def test_eta_reads_like_a_person_would_say_it():
                                              ("fpu avx512f amx_bf16 amx_tile", torch.bfloat16),  # Sapphire Rapids
                                              ("fpu sse2 avx2 avx512f", None), ("", None)])
 def test_amp_auto_on_cpu_picks_bf16_where_the_chip_computes_it(monkeypatch, flags, expected):
-    from pairnet.train import loop
+    from pairnet import device
 
     cpuinfo = f"processor\t: 0\nmodel name\t: test chip\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
-    parse = loop.cpu_flags
-    monkeypatch.setattr(loop, "cpu_flags", lambda: parse(cpuinfo))
-    assert loop.amp_dtype("auto", torch.device("cpu")) is expected
-    assert loop.amp_dtype("off", torch.device("cpu")) is None
+    parse = device.cpu_flags
+    monkeypatch.setattr(device, "cpu_flags", lambda: parse(cpuinfo))
+    assert device.amp_dtype("auto", torch.device("cpu")) is expected
+    assert device.amp_dtype("off", torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
