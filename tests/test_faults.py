@@ -21,7 +21,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import _free_port, mlflow_run, user_env
+from conftest import ROOT, _free_port, mlflow_run, user_env
 from test_server import pairnet as in_folder
 from test_tune_faults import FINISHED, _finish, _running_trials, _tune
 from test_tune_faults import _runs as _tune_runs
@@ -97,7 +97,14 @@ def test_data_entry_point_refuses_a_users_folder(mlflow_server, tmp_path):
     res = mlflow_run("data", {"out": user, "size": "tiny"}, user_env(mlflow_server, "it-faults-data"))
     assert res.returncode != 0 and "refusing to overwrite" in res.stderr
     assert digests(user) == before
-    assert all(r.info.status == "FAILED" for r in runs_of(MlflowClient(), "it-faults-data"))
+    runs = runs_of(MlflowClient(), "it-faults-data")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    # mlflow run says only that its run failed (exit 1); the entry point's own status is the README's 2.
+    direct = subprocess.run([sys.executable, "entrypoints/data.py", "--out", str(user), "--size", "tiny", "--severity",
+                             "6", "--seed", "42", "--bases", "mnist", "--force", "false"], cwd=ROOT,
+                            env=user_env(mlflow_server, "it-faults-data"), capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 2 and "refusing to overwrite" in direct.stderr, direct.stderr[-2000:]
+    assert digests(user) == before
 
 
 def test_predict_refuses_to_write_over_its_input(tiny_data, tmp_path, capsys):
