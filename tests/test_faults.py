@@ -261,6 +261,42 @@ def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
         server.stop(port=port, root=root)
 
 
+def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path):
+    from pairnet.tracking import server
+
+    root, port = tmp_path / "server", _free_port()
+    info = server.start(port=port, root=root)
+    # The flush limit lowered from 600 s: the server stays away past it.
+    env = {**user_env(info.url, "it-faults-lost"), "PAIRNET_TRACKING_FLUSH_S": "3"}
+    epochs, stderr = 12, tmp_path / "stderr.txt"
+    with open(stderr, "w") as err_file:
+        proc = subprocess.Popen(PAIRNET + ["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name",
+                                           "compare_cnn", "--epochs", str(epochs), "--max-steps-per-epoch", "30"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+    try:
+        client = MlflowClient(info.url)
+        run_id = wait_for(lambda: next((r.info.run_id for r in runs_of(client, "it-faults-lost")
+                                        if _history(client, r.info.run_id)), None), 180, "the first epoch")
+        server.stop(port=port, root=root)
+        wait_for(lambda: "gave up on" in stderr.read_text(), 300, "the callback to give up")
+        server.start(port=port, root=root)  # back in time for the run to end, too late for its metrics
+        assert proc.wait(timeout=300) == 1, stderr.read_text()[-3000:]  # the work failed; the inputs were fine
+        err = stderr.read_text()
+        assert "could not reach the tracking server within 3 s (PAIRNET_TRACKING_FLUSH_S)" in err, err[-3000:]
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED"
+        lost = int(run.data.tags["pairnet.metrics_lost"])
+        got = sum(len(client.get_metric_history(run_id, key)) for key in run.data.metrics
+                  if not key.startswith("system/"))
+        epoch_keys = {k for k in run.data.metrics if not k.startswith("system/")}
+        assert lost > 0 and len(_history(client, run_id)) < epochs
+        assert got + lost == epochs * len(epoch_keys)  # every value an epoch logged: on the server or counted lost
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop(port=port, root=root)
+
+
 def test_sigkilled_run_is_swept_then_resumed(mlflow_server, tiny_data):
     env = user_env(mlflow_server, "it-faults-sigkill")
     epochs = 30
