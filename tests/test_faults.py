@@ -119,6 +119,41 @@ def test_predict_refuses_to_write_over_its_input(tiny_data, tmp_path, capsys):
     assert main(["data", "check", str(data)]) == 0
 
 
+def test_preview_and_predict_write_over_only_their_own_output(tiny_data, tmp_path, capsys):
+    from pairnet.models import create_model
+    from pairnet.serving import save_pair_dir
+
+    model = save_pair_dir(create_model("compare_cnn", width_mult=0.25, feat_dim=16), tmp_path / "model")
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("test_private.npz", "test_public_labels.csv", "meta.json"):
+        (d / name).write_bytes((tiny_data / name).read_bytes())
+    data = str(d / "test_private.npz")
+
+    def predict(out, *extra):
+        return main(["predict", "--model", str(model), "--data", data, "--out", str(out), *extra])
+
+    def preview(out, *extra):
+        return main(["data", "preview", data, "--out", str(out), "-n", "4", *extra])
+
+    before = digests(d)
+    for run in (predict, preview):  # a labels CSV and meta.json are the user's, not an output
+        for victim in ("test_public_labels.csv", "meta.json"):
+            assert run(d / victim) == 2
+            err = capsys.readouterr().err
+            assert "refusing to overwrite" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert digests(d) == before
+    pred, grid = tmp_path / "pred.csv", tmp_path / "grid.png"
+    assert predict(pred) == 0 and predict(pred) == 0  # its own earlier output: replaced
+    assert preview(grid) == 0 and preview(grid) == 0
+    assert preview(pred) == 2 and predict(grid) == 2  # one command's output is not the other's
+    pred.write_text(pred.read_text() + "# edited by hand\n")  # no longer what predict wrote
+    capsys.readouterr()
+    assert predict(pred) == 2 and "refusing to overwrite" in capsys.readouterr().err
+    assert predict(pred, "--force") == 0 and "# edited" not in pred.read_text()
+    assert main(["check-submission", "--data", data, "--pred", str(pred)]) == 0
+
+
 def test_partial_data_folder_is_refused_not_filled(mlflow_server, tiny_data, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
