@@ -87,6 +87,7 @@ def test_data_make_never_overwrites_without_force(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_data_entry_point_refuses_a_users_folder(mlflow_server, tmp_path):
     user = tmp_path / "mine"
     user.mkdir()
@@ -154,6 +155,7 @@ def test_preview_and_predict_write_over_only_their_own_output(tiny_data, tmp_pat
     assert main(["check-submission", "--data", data, "--pred", str(pred)]) == 0
 
 
+@pytest.mark.slow
 def test_partial_data_folder_is_refused_not_filled(mlflow_server, tiny_data, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -165,6 +167,7 @@ def test_partial_data_folder_is_refused_not_filled(mlflow_server, tiny_data, tmp
     assert not runs_of(MlflowClient(), "it-faults-partial")
 
 
+@pytest.mark.slow
 def test_bad_parameters_fail_before_data_or_runs(mlflow_server, tiny_data, tmp_path):
     env = user_env(mlflow_server, "it-faults-params")
     empty = tmp_path / "fresh"
@@ -230,6 +233,7 @@ class _Bomb(mlflow.pyfunc.PythonModel):
         return model_input
 
 
+@pytest.mark.slow
 def test_pickle_bomb_under_a_pairnet_name_is_refused(mlflow_server, tiny_data, tmp_path, capsys):
     name = "pairnet-bomb_check"
     marker = tmp_path / "exploded"
@@ -265,6 +269,7 @@ def _history(client, run_id, key="val_acc"):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
     from pairnet.tracking import server
 
@@ -296,6 +301,7 @@ def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
         server.stop(port=port, root=root)
 
 
+@pytest.mark.slow
 def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path):
     from pairnet.tracking import server
 
@@ -332,6 +338,7 @@ def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_p
         server.stop(port=port, root=root)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_is_swept_then_resumed(mlflow_server, tiny_data):
     env = user_env(mlflow_server, "it-faults-sigkill")
     epochs = 30
@@ -366,6 +373,7 @@ def test_sigkilled_run_is_swept_then_resumed(mlflow_server, tiny_data):
 
 
 # ------------------------------------------------------------------ tuning
+@pytest.mark.slow
 def test_worker_killed_mid_trial_is_replaced(mlflow_server, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     experiment = "it-tune-kill"
@@ -403,6 +411,7 @@ def test_worker_killed_mid_trial_is_replaced(mlflow_server, tiny_data, tmp_path)
 
 
 # ------------------------------------------------------------------ seeds
+@pytest.mark.slow
 def test_seed_controls_initial_weights_in_fresh_processes(mlflow_server, tiny_data):
     env = user_env(mlflow_server, "it-faults-seeds")
     for seed in (21, 21, 22):
@@ -420,6 +429,7 @@ def test_seed_controls_initial_weights_in_fresh_processes(mlflow_server, tiny_da
 
 
 # ------------------------------------------------------------------ step keys
+@pytest.mark.slow
 def test_changed_test_file_and_deleted_version_rerun_their_steps(pipeline_runs, mlflow_server):
     """The journey's pipeline, run a third time after a user replaced test_private.npz and
     deleted one registered version: exactly the steps that depend on them rerun."""

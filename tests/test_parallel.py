@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from pairnet.cli import main
 from pairnet.parallel import member_device
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MEMBERS = "compare_cnn:1,improved_v2:2"
 
 

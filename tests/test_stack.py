@@ -20,7 +20,7 @@ from conftest import ROOT, _free_port, mlflow_run, user_env
 from pairnet.cli import main
 from pairnet.data.pairs import load_pairs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BASES = ["compare_cnn", "resnet_optimized", "resnet_fusion"]
 
 

@@ -21,7 +21,7 @@ from conftest import ROOT, mlflow_run, user_env
 from pairnet.data.pairs import load_pairs
 from pairnet.train import TrainConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _runs(client, experiment, filter_string=""):
