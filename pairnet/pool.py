@@ -5,16 +5,18 @@ passes the training callable in (``stages.train_tracked``): this floor knows no 
 Workers are spawned (a fresh interpreter: no CUDA state or threads inherited). On CUDA,
 member ``i`` trains on visible GPU ``i mod n``, so several workers share a GPU when
 ``jobs`` exceeds the GPUs; on the CPU the cores are split, ``cores // jobs`` threads each.
-A member that fails ends its own run FAILED and is reported; its siblings carry on.
+A member that fails ends its own run FAILED and is reported; its siblings carry on. Each
+member has a process of its own, so a worker that dies (OOM killer, SIGKILL) takes only its
+member: that run is swept FAILED, and the members training beside it or queued finish and
+register.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,8 +89,8 @@ def _train_member(ctx: Context, member: Member, train: Callable[..., dict], spli
     try:
         splits = splits if splits is not None else load_splits(ctx.data_dir, ctx.preset)
         return train(member.cfg, stage=member.stage, splits=splits, registered=member.registered,
-                             run_name=member.run_name, device=member.device, preset=member.preset,
-                             parent_run_id=ctx.parent_run_id, init_source=member.init_source)
+                     run_name=member.run_name, device=member.device, preset=member.preset,
+                     parent_run_id=ctx.parent_run_id, init_source=member.init_source)
     except Exception as err:  # the member's run already ended FAILED; siblings go on
         log.error("member %s failed: %s", member.run_name, err)
         return {"error": f"{type(err).__name__}: {err}", "run_name": member.run_name}
@@ -108,16 +110,61 @@ def train_members(members: list[Member], jobs: int, *, train: Callable[..., dict
     ctx = Context(data_dir, preset, mlflow.get_tracking_uri(),
                   mlflow.get_run(parent_run_id).info.experiment_id, parent_run_id, threads)
     log.info("training %d members in %d worker processes (%d threads each)", len(members), jobs, threads)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(ctx,)) as pool:
-        futures = [pool.submit(_train_member, ctx, m, train) for m in members]
-        results = []
-        for member, future in zip(members, futures, strict=True):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:  # a worker died (OOM killer, SIGKILL): the sweeper ends its run
-                results.append({"error": "its worker process died", "run_name": member.run_name})
+    return _in_workers(members, jobs, ctx, train)
+
+
+def _member_process(ctx: Context, member: Member, train: Callable[..., dict], conn) -> None:
+    """A spawned worker's whole life: one member, its result sent back through ``conn``."""
+    _init_worker(ctx)
+    conn.send(_train_member(ctx, member, train))
+    conn.close()
+
+
+def _in_workers(members: list[Member], jobs: int, ctx: Context, train: Callable[..., dict]) -> list[dict]:
+    """One spawned process per member, ``jobs`` alive at a time. A process that dies (OOM
+    killer, SIGKILL) takes only its own member: the run it left RUNNING is swept FAILED and
+    the members queued or training elsewhere go on."""
+    spawn = mp.get_context("spawn")
+    results: list[dict | None] = [None] * len(members)
+    queue = list(reversed(range(len(members))))
+    live: dict = {}  # the parent's end of each worker's pipe -> (member index, process)
+    try:
+        while queue or live:
+            while queue and len(live) < jobs:
+                i = queue.pop()
+                recv, send = spawn.Pipe(duplex=False)
+                p = spawn.Process(target=_member_process, args=(ctx, members[i], train, send),
+                                  name=f"pairnet-member-{i}")
+                p.start()
+                send.close()  # the worker holds the only writer: its death reads as EOF here
+                live[recv] = (i, p)
+            for conn in mp.connection.wait(list(live)):
+                i, p = live.pop(conn)
+                results[i] = _collect(conn, p, members[i])
+    finally:
+        for conn, (_, p) in live.items():  # interrupted: no worker outlives the caller
+            p.terminate()
+            p.join()
+            conn.close()
     return results
+
+
+def _collect(conn, p, member: Member) -> dict:
+    """A finished worker's result, or its death as the member's error (its run swept FAILED)."""
+    try:
+        result = conn.recv()
+    except EOFError:
+        result = None
+    conn.close()
+    p.join()
+    if result is not None:
+        return result
+    how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+    log.error("member %s: its worker process died (%s)", member.run_name, how)
+    from pairnet.tracking.lifecycle import sweep_orphans
+
+    sweep_orphans()  # the run the dead worker left RUNNING ends FAILED now, not at the next start
+    return {"error": f"its worker process died ({how})", "run_name": member.run_name}
 
 
 def check_jobs(jobs: int) -> int:
