@@ -301,6 +301,20 @@ def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
         server.stop(port=port, root=root)
 
 
+def test_the_flush_limit_is_seconds_or_one_line(monkeypatch):
+    from pairnet.errors import PairnetError
+    from pairnet.tracking.callback import flush_limit
+
+    monkeypatch.delenv("PAIRNET_TRACKING_FLUSH_S", raising=False)
+    assert flush_limit() == 600.0
+    monkeypatch.setenv("PAIRNET_TRACKING_FLUSH_S", "2.5")
+    assert flush_limit() == 2.5
+    for bad in ("abc", "0", "-1", "inf", "nan"):
+        monkeypatch.setenv("PAIRNET_TRACKING_FLUSH_S", bad)
+        with pytest.raises(PairnetError, match="PAIRNET_TRACKING_FLUSH_S"):
+            flush_limit()
+
+
 @pytest.mark.slow
 def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path):
     from pairnet.tracking import server

@@ -73,6 +73,7 @@ class MlflowCallback(Callback):
         self.client = client or MlflowClient()
         self.checkpoint_every = checkpoint_every
         self.artifact_path = artifact_path
+        self.flush_s = flush_limit()  # read (and a bad value refused) before training, not after it
         self._metrics: list[Metric] = []
         self._ckpt: Path | None = None  # a private snapshot waiting for upload
         self._inflight: Path | None = None  # the snapshot being uploaded now
@@ -133,9 +134,8 @@ class MlflowCallback(Callback):
     def on_fit_end(self, result: FitResult) -> None:
         if self.final_metrics:
             self.log_metrics(final_metrics(result), 0)
-        limit = flush_limit()
-        if not self.close(limit):
-            raise MetricsLost(self.run_id, self.give_up(), limit)
+        if not self.close(self.flush_s):
+            raise MetricsLost(self.run_id, self.give_up(), self.flush_s)
 
     def give_up(self) -> int:
         """Drop what is still queued and stop the sender; the number of metric values lost."""
