@@ -79,11 +79,14 @@ def _cmd_data_preview(args) -> int:
     from pairnet.data.generate import FILES
     from pairnet.data.pairs import load_pairs
     from pairnet.data.preview import preview_grid
+    from pairnet.fsutil import check_overwrite, record_output
 
     src = Path(args.path)
     if src.is_dir():
         src = src / FILES[args.split]
-    out = preview_grid(load_pairs(src), args.out, n=args.n)
+    out = check_overwrite(args.out, "data preview", args.force)
+    out = preview_grid(load_pairs(src), out, n=args.n)
+    record_output(out, "data preview")
     print(f"wrote {out}")
     return 0
 
@@ -133,6 +136,8 @@ def _add_data(sub) -> None:
     p = data.add_parser("preview", help="draw a labelled grid of pairs as PNG")
     p.add_argument("path", help="a pair file or a data folder")
     p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
+    p.add_argument("--force", action="store_true",
+                   help="write over an existing --out that is not this command's earlier output")
     p.add_argument("--split", choices=["train", "val", "public", "private"], default="train",
                    help="which split to show (default train)")
     p.add_argument("-n", type=int, default=24, help="pairs in the grid (default 24)")
@@ -487,12 +492,15 @@ def _cmd_stack(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from pairnet.predict import predict_file
+    from pairnet.fsutil import check_overwrite, record_output
+    from pairnet.predict import check_out_path, predict_file
     from pairnet.tracking.server import tracking_uri
 
+    check_overwrite(check_out_path(args.out, args.data), "predict", args.force)  # before the server or the model
     if args.model.startswith(("models:/", "runs:/")):
         tracking_uri()
     n = predict_file(args.model, args.data, args.out)
+    record_output(args.out, "predict")
     print(f"wrote {n} predictions to {args.out}")
     return 0
 
@@ -527,6 +535,8 @@ def _add_stack(sub) -> None:
                    help="registered model to predict with (default models:/pairnet-stack@champion)")
     p.add_argument("--data", required=True, help="pair file (.npz) to predict")
     p.add_argument("--out", default="pred.csv", help="CSV to write, columns id,label (default pred.csv)")
+    p.add_argument("--force", action="store_true",
+                   help="write over an existing --out that is not this command's earlier output")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("check-submission", help="check a predictions CSV against a pair file")

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pairnet.paths import data_dir, state_dir
 from pairnet.redact import mask_url
 from pairnet.tracking.server import DEFAULT_HOST, DEFAULT_PORT, health
-from pairnet.train.loop import amp_dtype, pick_device
+from pairnet.device import amp_dtype, pick_device
 
 MIN_FREE_GB = 2.0  # a full default set, checkpoints and the tracking store fit in less
 PACKAGES = ("pairnet", "torch", "mlflow", "optuna", "lightgbm", "scikit-learn", "numpy")

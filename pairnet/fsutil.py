@@ -9,6 +9,8 @@ old file or the new one, never a mix, and a crash leaves at most a ``.tmp`` file
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -107,3 +109,50 @@ def folder_lock(folder: str | Path, what: str, wait_s: float = 0.0) -> contextli
 def lock_path(folder: str | Path) -> Path:
     """The lock file that guards ``folder``."""
     return state_dir() / "locks" / f"{folder_key(folder)}{LOCK_SUFFIX}"
+
+
+# Files pairnet wrote for a person (`--out` of preview and predict), by absolute path: the
+# command that wrote it and the bytes' digest. A later run of the same command may replace
+# its own earlier output; any other existing file needs --force.
+OUTPUTS = "outputs.json"
+OUTPUTS_KEPT = 2000  # the newest entries; an older output needs --force once
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _outputs() -> dict:
+    try:
+        found = json.loads((state_dir() / OUTPUTS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def check_overwrite(out: str | Path, command: str, force: bool) -> Path:
+    """``out``, unless it is an existing file that ``command`` did not write there (as it is
+    now, byte for byte): then one line naming it and the way out, ``--force``."""
+    out = Path(out)
+    if force or not out.exists():
+        return out
+    entry = _outputs().get(str(out.resolve()))
+    if out.is_file() and isinstance(entry, dict) and entry.get("by") == command and entry.get("sha256") == _digest(out):
+        return out
+    raise PairnetError(f"--out {out} exists and is not an earlier output of `pairnet {command}`; refusing to "
+                       "overwrite it (--force replaces it)")
+
+
+def record_output(out: str | Path, command: str) -> None:
+    """Remember ``out`` as ``command``'s output, so that its next run may replace it."""
+    out = Path(out)
+    record = state_dir() / OUTPUTS
+    with file_lock(record.with_name(OUTPUTS + LOCK_SUFFIX), f"{record} is busy", wait_s=30):
+        table = _outputs()
+        table.pop(str(out.resolve()), None)  # re-inserted last: the newest entries are kept
+        table[str(out.resolve())] = {"by": command, "sha256": _digest(out)}
+        write_text(record, json.dumps(dict(list(table.items())[-OUTPUTS_KEPT:]), indent=1))

@@ -22,6 +22,7 @@ TAG_STEP_KEY = "pairnet.step_key"  # pipeline: hash of what a step's result depe
 TAG_OUTPUT_DIGEST = "pairnet.output_digest"
 TAG_BEST_MODEL = "pairnet.best_model"  # tune: the registered best trial
 TAG_SWEPT = "pairnet.swept"  # why a dead process's run was ended FAILED
+TAG_METRICS_LOST = "pairnet.metrics_lost"  # metric values that never reached the server (the run ended FAILED)
 TAG_NOTE = "mlflow.note.content"  # MLflow's run description
 TAG_PARENT = "mlflow.parentRunId"
 

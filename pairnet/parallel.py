@@ -1,138 +1,16 @@
-"""Independent trainings in worker processes (``jobs``): stage 3's members, the pipeline's
-base models. Each member is its own nested child run of the caller's parent run.
-
-Workers are spawned (a fresh interpreter: no CUDA state or threads inherited). On CUDA,
-member ``i`` trains on visible GPU ``i mod n``, so several workers share a GPU when
-``jobs`` exceeds the GPUs; on the CPU the cores are split, ``cores // jobs`` threads each.
-A member that fails ends its own run FAILED and is reported; its siblings carry on.
-"""
+"""The members' trainer for callers above the stages (the pipeline): ``pool.train_members``
+with ``stages.train_tracked`` bound in. The workers live in ``pool``, which takes the training
+callable and so sits below the stages; this module sits above them."""
 
 from __future__ import annotations
 
-import logging
-import multiprocessing as mp
-import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from pairnet import pool
+from pairnet.pool import Member, check_jobs, member_device, report_failures, usable_cpus
+from pairnet.stages import train_tracked
 
-from pairnet.errors import PairnetError, PairnetRuntimeError
-
-log = logging.getLogger(__name__)
+__all__ = ["Member", "check_jobs", "member_device", "report_failures", "train_members", "usable_cpus"]
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def member_device(device: str, index: int) -> str:
-    """The device member ``index`` trains on: round-robin over the visible GPUs."""
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{index % torch.cuda.device_count()}"
-    return device
-
-
-@dataclass
-class Member:
-    """One independent training: ``train_tracked``'s arguments, all picklable."""
-
-    cfg: object  # TrainConfig
-    stage: str
-    registered: str
-    run_name: str
-    preset: str
-    device: str = "auto"
-    init_source: object | None = None  # InitSource, fetched once by the caller
-
-
-@dataclass
-class Context:
-    """What every worker needs to reach the same data, server, experiment and parent run."""
-
-    data_dir: str
-    preset: str
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    threads: int
-
-
-def _init_worker(ctx: Context) -> None:
-    import mlflow
-    import torch
-
-    # Inside `mlflow run`, MLFLOW_RUN_ID names the parent; a worker that kept it would
-    # attach its first start_run to the parent instead of opening a child.
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    torch.set_num_threads(ctx.threads)
-    from pairnet.tracking import configure_http, route_mlflow_logs
-
-    configure_http()
-    route_mlflow_logs()
-    mlflow.set_tracking_uri(ctx.tracking_uri)
-    mlflow.set_experiment(experiment_id=ctx.experiment_id)
-
-
-def _train_member(ctx: Context, member: Member, splits=None) -> dict:
-    """One member: its summary, or its error as one line (an error does not propagate)."""
-    from pairnet.data.splits import load_splits
-    from pairnet.stages import train_tracked
-
-    try:
-        splits = splits if splits is not None else load_splits(ctx.data_dir, ctx.preset)
-        return train_tracked(member.cfg, stage=member.stage, splits=splits, registered=member.registered,
-                             run_name=member.run_name, device=member.device, preset=member.preset,
-                             parent_run_id=ctx.parent_run_id, init_source=member.init_source)
-    except Exception as err:  # the member's run already ended FAILED; siblings go on
-        log.error("member %s failed: %s", member.run_name, err)
-        return {"error": f"{type(err).__name__}: {err}", "run_name": member.run_name}
-
-
-def train_members(members: list[Member], jobs: int, *, parent_run_id: str, data_dir: str, preset: str,
-                  splits=None) -> list[dict]:
-    """Train ``members`` (``jobs`` at a time) as children of ``parent_run_id``; results in
-    member order. A failed member's entry holds ``error`` instead of a summary; the caller
-    decides what the parent run says about it. ``jobs=1`` trains in this process."""
-    import mlflow
-
-    if jobs == 1 or len(members) == 1:
-        return [_train_member(Context(data_dir, preset, "", "", parent_run_id, 0), m, splits) for m in members]
-    threads = max(1, usable_cpus() // jobs)
-    ctx = Context(data_dir, preset, mlflow.get_tracking_uri(),
-                  mlflow.get_run(parent_run_id).info.experiment_id, parent_run_id, threads)
-    log.info("training %d members in %d worker processes (%d threads each)", len(members), jobs, threads)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(ctx,)) as pool:
-        futures = [pool.submit(_train_member, ctx, m) for m in members]
-        results = []
-        for member, future in zip(members, futures, strict=True):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:  # a worker died (OOM killer, SIGKILL): the sweeper ends its run
-                results.append({"error": "its worker process died", "run_name": member.run_name})
-    return results
-
-
-def check_jobs(jobs: int) -> int:
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise PairnetError(f"jobs must be a whole number >= 1 (got {jobs!r})")
-    return jobs
-
-
-def report_failures(results: list[dict], what: str) -> list[dict]:
-    """The members that trained; when some failed, tag the active (parent) run with their
-    names and errors and raise one line naming them."""
-    import mlflow
-
-    failed = [r for r in results if "error" in r]
-    if failed:
-        mlflow.set_tag("pairnet.failed_members", "; ".join(f"{r['run_name']}: {r['error']}" for r in failed)[:5000])
-        names = ", ".join(r["run_name"] for r in failed)
-        raise PairnetRuntimeError(f"{len(failed)} of {len(results)} {what} failed ({names}); the others are "
-                                  "registered")
-    return results
+def train_members(members: list[Member], jobs: int, **kw) -> list[dict]:
+    """``pool.train_members`` training each member with ``stages.train_tracked``."""
+    return pool.train_members(members, jobs, train=train_tracked, **kw)

@@ -110,7 +110,7 @@ def build_config(stage: str, preset: str, explicit: dict, *,
 
 def warn_if_slow(preset: str, device: str, epochs: int) -> None:
     """The full preset is the GPU recipe: on a CPU say so before hours of training start."""
-    from pairnet.train.loop import pick_device
+    from pairnet.device import pick_device  # torch loads here, not when the CLI reads a preset
 
     if preset == "full" and pick_device(device).type == "cpu":
         log.warning("preset full is the GPU recipe: up to %d epochs on the full set, about 30 s each on a 2-core CPU "

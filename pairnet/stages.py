@@ -12,11 +12,12 @@ import torch
 
 from pairnet import names
 from pairnet.data.splits import Splits, check_data_dir, load_splits
+from pairnet.device import amp_dtype, pick_device
 from pairnet.models import create_model, model_from_spec
 from pairnet.models.pair import weights_digest
 from pairnet.errors import PairnetError
 from pairnet.models.transfer import copy_matching, describe
-from pairnet.parallel import Member, check_jobs, member_device, report_failures, train_members
+from pairnet.pool import Member, check_jobs, member_device, report_failures, train_members
 from pairnet.presets import build_config, parse_members, warn_if_slow
 from pairnet.progress import EpochBar
 from pairnet.tracking import registry
@@ -28,7 +29,7 @@ from pairnet.tracking.runlog import git_commit, log_outcome, log_start
 from pairnet.tracking.session import setup_tracking
 from pairnet.train import distributed
 from pairnet.train.config import TrainConfig
-from pairnet.train.loop import amp_dtype, digit_targets, fit, pick_device
+from pairnet.train.loop import digit_targets, fit
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,24 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
                            val_dataset=val_dataset, init_uri=tags.get(names.TAG_INIT_FROM), preset=preset)
 
 
+def train_replica(cfg: TrainConfig, data_dir, preset: str, device: str, me: distributed.Rank) -> None:
+    """A rank other than 0: the same model and batches as rank 0, its own shard of each
+    batch, no MLflow, no checkpoint. Meets rank 0 at the same collectives in the same order:
+    the data barrier, the resume state, then fit's."""
+    distributed.barrier(me)
+    splits = load_splits(data_dir, preset)
+    resume = distributed.share(None, me)
+    if resume:
+        cfg = type(cfg).from_dict(resume["config"])
+    torch.manual_seed(cfg.seed)
+    if resume:
+        model = model_from_spec(resume["spec"])
+    else:  # rank 0's weights (fine-tuned ones included) arrive when DDP wraps the model
+        model = create_model(cfg.model_name, digit_head=cfg.aux_digit_weight > 0, **cfg.model_overrides())
+    fit(model, splits.train, splits.val, cfg, device=pick_device(device), resume=resume)
+    distributed.log_final_weights(me, weights_digest(model))
+
+
 def registered_for(stage: str, variant: str, seed: int | None = None) -> str:
     """``pairnet-<variant>``; pretrained towers as ``pairnet-pretrain-<variant>``."""
     return registry.registered_name(f"pretrain-{variant}" if stage == "pretrain" else variant, seed)
@@ -114,7 +133,7 @@ def run_single(stage: str, req: StageRequest) -> dict:
     me, device = distributed.setup(req.device)  # torchrun: join the process group
     with distributed.session(me):
         if not me.main:  # trains its shards; rank 0 alone talks to MLflow
-            return distributed.train_replica(cfg, req.data_dir, req.preset, device, me)
+            return train_replica(cfg, req.data_dir, req.preset, device, me)
         warn_if_slow(req.preset, device, cfg.epochs)
         setup_tracking()
         splits = load_splits(req.data_dir, req.preset)
@@ -163,8 +182,8 @@ def run_stage3(req: StageRequest) -> list[dict]:
         results = train_members([Member(cfg, "stage3", registry.registered_name(cfg.model_name, cfg.seed),
                                         f"stage3/{cfg.model_name}/seed{cfg.seed}", req.preset,
                                         member_device(req.device, i), source) for i, cfg in enumerate(configs)],
-                                req.jobs, parent_run_id=parent.run_id, data_dir=str(splits.data_dir),
-                                preset=req.preset, splits=splits)
+                                req.jobs, train=train_tracked, parent_run_id=parent.run_id,
+                                data_dir=str(splits.data_dir), preset=req.preset, splits=splits)
         accs = np.array([r["val_acc"] for r in results if "error" not in r])
         if len(accs):
             mlflow.log_metrics({"members": float(len(accs)), "best_member_val_acc": float(accs.max()),

@@ -241,12 +241,20 @@ def test_unknown_bases_names_the_choices(tmp_path):
 
 
 def test_severity_zero_is_clean_and_severity_raises_the_corruption(tmp_path):
-    zero = {}
+    zero, stats = {}, {}
     for sev in (0, 6, 10):
         meta = make_dataset(tmp_path / str(sev), GenConfig(size="tiny", seed=2, severity=sev))
-        zero[sev] = meta["stats"]["train"]["zero_share"]
+        stats[sev] = meta["stats"]["train"]
+        zero[sev] = stats[sev]["zero_share"]
     assert zero[0] > 0.6  # clean digits on a black ground: no haze
     assert 0.3 < zero[6] < 0.6
+    # At 10 the strokes fade into the dark (measured: 0.81 zero, mean pixel 4 against 16 at 6):
+    # black comes back because the signal is going, not the haze.
+    assert zero[10] > 0.6
+    means = [stats[s]["mean_pixel"] for s in (0, 6, 10)]
+    bright = [stats[s]["over_200_share"] for s in (0, 6, 10)]
+    assert means == sorted(means, reverse=True) and means[2] < means[1] / 2
+    assert bright == sorted(bright, reverse=True) and bright[2] < 0.005  # hardly a full stroke left
 
 
 # ------------------------------------------------------------------ profiling

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import mlflow_run, user_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 DIGESTS = re.compile(r"rank (\d) of 2: final weights (\w+)")
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import _free_port, mlflow_run, user_env
+from conftest import ROOT, _free_port, mlflow_run, user_env
 from test_server import pairnet as in_folder
 from test_tune_faults import FINISHED, _finish, _running_trials, _tune
 from test_tune_faults import _runs as _tune_runs
@@ -87,6 +87,7 @@ def test_data_make_never_overwrites_without_force(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_data_entry_point_refuses_a_users_folder(mlflow_server, tmp_path):
     user = tmp_path / "mine"
     user.mkdir()
@@ -97,7 +98,14 @@ def test_data_entry_point_refuses_a_users_folder(mlflow_server, tmp_path):
     res = mlflow_run("data", {"out": user, "size": "tiny"}, user_env(mlflow_server, "it-faults-data"))
     assert res.returncode != 0 and "refusing to overwrite" in res.stderr
     assert digests(user) == before
-    assert all(r.info.status == "FAILED" for r in runs_of(MlflowClient(), "it-faults-data"))
+    runs = runs_of(MlflowClient(), "it-faults-data")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    # mlflow run says only that its run failed (exit 1); the entry point's own status is the README's 2.
+    direct = subprocess.run([sys.executable, "entrypoints/data.py", "--out", str(user), "--size", "tiny", "--severity",
+                             "6", "--seed", "42", "--bases", "mnist", "--force", "false"], cwd=ROOT,
+                            env=user_env(mlflow_server, "it-faults-data"), capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 2 and "refusing to overwrite" in direct.stderr, direct.stderr[-2000:]
+    assert digests(user) == before
 
 
 def test_predict_refuses_to_write_over_its_input(tiny_data, tmp_path, capsys):
@@ -112,6 +120,42 @@ def test_predict_refuses_to_write_over_its_input(tiny_data, tmp_path, capsys):
     assert main(["data", "check", str(data)]) == 0
 
 
+def test_preview_and_predict_write_over_only_their_own_output(tiny_data, tmp_path, capsys):
+    from pairnet.models import create_model
+    from pairnet.serving import save_pair_dir
+
+    model = save_pair_dir(create_model("compare_cnn", width_mult=0.25, feat_dim=16), tmp_path / "model")
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("test_private.npz", "test_public_labels.csv", "meta.json"):
+        (d / name).write_bytes((tiny_data / name).read_bytes())
+    data = str(d / "test_private.npz")
+
+    def predict(out, *extra):
+        return main(["predict", "--model", str(model), "--data", data, "--out", str(out), *extra])
+
+    def preview(out, *extra):
+        return main(["data", "preview", data, "--out", str(out), "-n", "4", *extra])
+
+    before = digests(d)
+    for run in (predict, preview):  # a labels CSV and meta.json are the user's, not an output
+        for victim in ("test_public_labels.csv", "meta.json"):
+            assert run(d / victim) == 2
+            err = capsys.readouterr().err
+            assert "refusing to overwrite" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert digests(d) == before
+    pred, grid = tmp_path / "pred.csv", tmp_path / "grid.png"
+    assert predict(pred) == 0 and predict(pred) == 0  # its own earlier output: replaced
+    assert preview(grid) == 0 and preview(grid) == 0
+    assert preview(pred) == 2 and predict(grid) == 2  # one command's output is not the other's
+    pred.write_text(pred.read_text() + "# edited by hand\n")  # no longer what predict wrote
+    capsys.readouterr()
+    assert predict(pred) == 2 and "refusing to overwrite" in capsys.readouterr().err
+    assert predict(pred, "--force") == 0 and "# edited" not in pred.read_text()
+    assert main(["check-submission", "--data", data, "--pred", str(pred)]) == 0
+
+
+@pytest.mark.slow
 def test_partial_data_folder_is_refused_not_filled(mlflow_server, tiny_data, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -123,6 +167,7 @@ def test_partial_data_folder_is_refused_not_filled(mlflow_server, tiny_data, tmp
     assert not runs_of(MlflowClient(), "it-faults-partial")
 
 
+@pytest.mark.slow
 def test_bad_parameters_fail_before_data_or_runs(mlflow_server, tiny_data, tmp_path):
     env = user_env(mlflow_server, "it-faults-params")
     empty = tmp_path / "fresh"
@@ -188,6 +233,7 @@ class _Bomb(mlflow.pyfunc.PythonModel):
         return model_input
 
 
+@pytest.mark.slow
 def test_pickle_bomb_under_a_pairnet_name_is_refused(mlflow_server, tiny_data, tmp_path, capsys):
     name = "pairnet-bomb_check"
     marker = tmp_path / "exploded"
@@ -223,6 +269,7 @@ def _history(client, run_id, key="val_acc"):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
     from pairnet.tracking import server
 
@@ -254,6 +301,58 @@ def test_server_restart_mid_run_loses_no_epoch(tiny_data, tmp_path):
         server.stop(port=port, root=root)
 
 
+def test_the_flush_limit_is_seconds_or_one_line(monkeypatch):
+    from pairnet.errors import PairnetError
+    from pairnet.tracking.callback import flush_limit
+
+    monkeypatch.delenv("PAIRNET_TRACKING_FLUSH_S", raising=False)
+    assert flush_limit() == 600.0
+    monkeypatch.setenv("PAIRNET_TRACKING_FLUSH_S", "2.5")
+    assert flush_limit() == 2.5
+    for bad in ("abc", "0", "-1", "inf", "nan"):
+        monkeypatch.setenv("PAIRNET_TRACKING_FLUSH_S", bad)
+        with pytest.raises(PairnetError, match="PAIRNET_TRACKING_FLUSH_S"):
+            flush_limit()
+
+
+@pytest.mark.slow
+def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path):
+    from pairnet.tracking import server
+
+    root, port = tmp_path / "server", _free_port()
+    info = server.start(port=port, root=root)
+    # The flush limit lowered from 600 s: the server stays away past it.
+    env = {**user_env(info.url, "it-faults-lost"), "PAIRNET_TRACKING_FLUSH_S": "3"}
+    epochs, stderr = 12, tmp_path / "stderr.txt"
+    with open(stderr, "w") as err_file:
+        proc = subprocess.Popen(PAIRNET + ["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name",
+                                           "compare_cnn", "--epochs", str(epochs), "--max-steps-per-epoch", "30"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+    try:
+        client = MlflowClient(info.url)
+        run_id = wait_for(lambda: next((r.info.run_id for r in runs_of(client, "it-faults-lost")
+                                        if _history(client, r.info.run_id)), None), 180, "the first epoch")
+        server.stop(port=port, root=root)
+        wait_for(lambda: "gave up on" in stderr.read_text(), 300, "the callback to give up")
+        server.start(port=port, root=root)  # back in time for the run to end, too late for its metrics
+        assert proc.wait(timeout=300) == 1, stderr.read_text()[-3000:]  # the work failed; the inputs were fine
+        err = stderr.read_text()
+        assert "could not reach the tracking server within 3 s (PAIRNET_TRACKING_FLUSH_S)" in err, err[-3000:]
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED"
+        lost = int(run.data.tags["pairnet.metrics_lost"])
+        got = sum(len(client.get_metric_history(run_id, key)) for key in run.data.metrics
+                  if not key.startswith("system/"))
+        epoch_keys = {k for k in run.data.metrics if not k.startswith("system/")}
+        assert lost > 0 and len(_history(client, run_id)) < epochs
+        assert got + lost == epochs * len(epoch_keys)  # every value an epoch logged: on the server or counted lost
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop(port=port, root=root)
+
+
+@pytest.mark.slow
 def test_sigkilled_run_is_swept_then_resumed(mlflow_server, tiny_data):
     env = user_env(mlflow_server, "it-faults-sigkill")
     epochs = 30
@@ -288,6 +387,7 @@ def test_sigkilled_run_is_swept_then_resumed(mlflow_server, tiny_data):
 
 
 # ------------------------------------------------------------------ tuning
+@pytest.mark.slow
 def test_worker_killed_mid_trial_is_replaced(mlflow_server, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     experiment = "it-tune-kill"
@@ -325,6 +425,7 @@ def test_worker_killed_mid_trial_is_replaced(mlflow_server, tiny_data, tmp_path)
 
 
 # ------------------------------------------------------------------ seeds
+@pytest.mark.slow
 def test_seed_controls_initial_weights_in_fresh_processes(mlflow_server, tiny_data):
     env = user_env(mlflow_server, "it-faults-seeds")
     for seed in (21, 21, 22):
@@ -342,6 +443,7 @@ def test_seed_controls_initial_weights_in_fresh_processes(mlflow_server, tiny_da
 
 
 # ------------------------------------------------------------------ step keys
+@pytest.mark.slow
 def test_changed_test_file_and_deleted_version_rerun_their_steps(pipeline_runs, mlflow_server):
     """The journey's pipeline, run a third time after a user replaced test_private.npz and
     deleted one registered version: exactly the steps that depend on them rerun."""

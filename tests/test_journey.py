@@ -13,7 +13,7 @@ from conftest import JOURNEY_EXPERIMENT as EXPERIMENT
 from conftest import ROOT
 from pairnet.tracking.lifecycle import experiment_url
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_pipeline_children_and_reuse(pipeline_runs):

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import user_env
 from pairnet.cli import main
 from pairnet.parallel import member_device
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MEMBERS = "compare_cnn:1,improved_v2:2"
 
 
@@ -70,6 +75,50 @@ def test_a_failed_member_fails_alone(mlflow_server, tiny_data, monkeypatch, caps
     assert children[("improved_v2", 2)].info.status == "FAILED"
     ok = children[("compare_cnn", 1)]
     assert ok.info.status == "FINISHED" and ok.data.tags["pairnet.model_version"]
+
+
+def test_a_killed_worker_takes_only_its_own_member(mlflow_server, tiny_data, tmp_path):
+    """A real spawned worker SIGKILLed mid-training (as the OOM killer does): the members
+    training beside it or still queued finish and register; its own run ends FAILED."""
+    experiment = "it-jobs-sigkill"
+    members = "improved_v2:2,compare_cnn:1,compare_cnn:3"  # jobs 2: the third waits for a free worker
+    env = user_env(mlflow_server, experiment)
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "pairnet", "stage3", "--preset", "tiny", "--data-dir",
+                                 str(tiny_data), "--members", members, "--jobs", "2", "--epochs", "30"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+    try:
+        client = MlflowClient()
+        victim = None
+        deadline = time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            exp = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            victim = next((r for r in runs if r.data.tags.get("pairnet.model") == "improved_v2"
+                           and client.get_metric_history(r.info.run_id, "val_acc")), None)
+            time.sleep(0.5)
+        assert victim is not None, stderr.read_text()[-3000:]
+        pid = int(victim.data.tags["pairnet.process.pid"])
+        assert pid != proc.pid
+        os.kill(pid, signal.SIGKILL)  # a worker process of this pool, mid-training
+        assert proc.wait(timeout=900) == 1, stderr.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = stderr.read_text()
+    assert "1 of 3 stage 3 members failed (stage3/improved_v2/seed2)" in err, err[-3000:]
+    assert f"its worker process died (signal {int(signal.SIGKILL)})" in err
+    parent, children = _family(client, experiment)
+    assert parent.info.status == "FAILED" and "worker process died" in parent.data.tags["pairnet.failed_members"]
+    assert set(children) == {("improved_v2", 2), ("compare_cnn", 1), ("compare_cnn", 3)}
+    killed = children[("improved_v2", 2)]
+    assert killed.info.status == "FAILED" and "is gone" in killed.data.tags["pairnet.swept"]
+    for member in (("compare_cnn", 1), ("compare_cnn", 3)):
+        run = children[member]
+        assert run.info.status == "FINISHED", member
+        name, version = run.data.tags["pairnet.registered_name"], run.data.tags["pairnet.model_version"]
+        assert client.get_model_version(name, version).run_id == run.info.run_id
 
 
 def test_member_devices_and_bad_jobs(tiny_data, capsys):

@@ -18,7 +18,7 @@ from pairnet.models import create_model
 from pairnet.tracking.model import log_pair_model
 from pairnet.tune import PROCESS_ATTR
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 

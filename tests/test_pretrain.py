@@ -14,7 +14,7 @@ from conftest import mlflow_run, user_env
 from pairnet.data.pairs import load_pairs, save_pairs
 from pairnet.tracking.init_from import fetch_init_source
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXPERIMENT = "it-pretrain"
 PRETRAINED = "pairnet-pretrain-resnet_optimized"
 

@@ -22,7 +22,7 @@ from pairnet.presets import PRESETS
 from pairnet.tracking.model import accuracy_on
 from pairnet.tracking.registry import champion_version, promote
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOWER = "pairnet-pretrain-resnet_optimized"
 SEED = 7

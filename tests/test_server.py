@@ -21,7 +21,7 @@ from conftest import _free_port
 from pairnet.redact import mask_url
 from pairnet.tracking import server
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PAIRNET = [sys.executable, "-m", "pairnet.cli"]
 ADMIN_PASSWORD = "pairnet-test-admin-pw"  # 12+ characters, as MLflow's basic auth demands

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -19,7 +20,7 @@ from conftest import ROOT, _free_port, mlflow_run, user_env
 from pairnet.cli import main
 from pairnet.data.pairs import load_pairs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BASES = ["compare_cnn", "resnet_optimized", "resnet_fusion"]
 
 
@@ -39,7 +40,7 @@ def stacked(mlflow_server, tiny_data):
     return uris
 
 
-def test_stack_run_metrics_baselines_lineage(stacked):
+def test_stack_run_metrics_baselines_lineage(stacked, tiny_data):
     client = MlflowClient()
     exp = client.get_experiment_by_name("it-stack")
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`pairnet.stage` = 'stack'")
@@ -67,6 +68,37 @@ def test_stack_run_metrics_baselines_lineage(stacked):
     assert mv.run_id == run.info.run_id and float(mv.tags["val_acc"]) == pytest.approx(m["cv_oof_acc"], abs=1e-6)
     champion = client.get_model_version_by_alias("pairnet-stack", "champion")
     assert float(champion.tags["val_acc"]) >= float(mv.tags["val_acc"])  # the gate keeps the best
+    # The baselines, computed here from the base models' own probabilities.
+    expected = _baselines(lineage["base_models"], tiny_data)
+    for key, acc in expected.items():
+        assert m[f"test_public_acc_{key}"] == pytest.approx(acc, abs=1e-9), key
+
+
+def _baselines(bases: list[dict], data) -> dict[str, float]:
+    """best single (chosen on val), mean probability, majority vote and logistic regression,
+    from each registered base model's predictions in this process."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pairnet.stacking import meta_features
+    from pairnet.tracking.model import load_trusted
+
+    val = load_pairs(data / "val.npz")
+    pub = load_pairs(data / "test_public.npz", labels=data / "test_public_labels.csv")
+
+    def acc(p, y) -> float:
+        return float(((np.asarray(p) >= 0.5).astype(int) == np.asarray(y)).mean())
+
+    models = [load_trusted(f"models:/{b['name']}/{b['version']}") for b in bases]
+    p_val, p_pub = [m.predict(val.x) for m in models], [m.predict(pub.x) for m in models]
+    val_accs = [acc(p, val.y) for p in p_val]
+    for b, a in zip(bases, val_accs, strict=True):
+        assert b["val_acc"] == pytest.approx(a, abs=1e-9), b["name"]
+    best = int(np.argmax(val_accs))  # the first of equals, as max() over the bases in order
+    votes = np.mean([np.asarray(p) >= 0.5 for p in p_pub], axis=0) > 0.5
+    lr = LogisticRegression(max_iter=1000).fit(meta_features(p_val), val.y)
+    return {"best_single": acc(p_pub[best], pub.y), "mean_probability": acc(np.mean(p_pub, axis=0), pub.y),
+            "majority_vote": acc(votes, pub.y),
+            "logistic_regression_stack": acc(lr.predict_proba(meta_features(p_pub))[:, 1], pub.y)}
 
 
 def test_stack_pyfunc_predict_and_check_submission(stacked, tiny_data, tmp_path, capsys):

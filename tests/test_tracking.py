@@ -21,7 +21,7 @@ from conftest import ROOT, mlflow_run, user_env
 from pairnet.data.pairs import load_pairs
 from pairnet.train import TrainConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _runs(client, experiment, filter_string=""):
@@ -99,6 +99,10 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
     model = mlflow.pyfunc.load_model("models:/pairnet-resnet_optimized_1.12@champion")
     prob = np.asarray(model.predict(private.x))
     assert prob.shape == (len(private),) and np.all((prob >= 0) & (prob <= 1))
+    from pairnet.tracking.model import load_trusted
+
+    direct = load_trusted("models:/pairnet-resnet_optimized_1.12@champion").predict(private.x)
+    np.testing.assert_allclose(prob, direct, rtol=0, atol=1e-6)  # the served model is the trained one
 
 
 def test_mlflow_run_explicit_value_wins_over_the_preset(mlflow_server, tiny_data, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -95,10 +97,62 @@ def test_schedulers_and_bce(splits, scheduler):
     assert len(result.history) == 2
 
 
+def _expected_lrs(cfg, history, steps: int) -> list[float]:
+    """The learning rate each epoch ends with, from each schedule's closed form (the loop logs
+    it after the epoch's steps, before the epoch's scheduler step)."""
+    lr, n = cfg.lr, len(history)
+    if cfg.scheduler == "none":
+        return [lr] * n
+    if cfg.scheduler == "cosine":  # eta_min + (lr - eta_min)(1 + cos(pi t / T)) / 2 at t = epochs done
+        low = cfg.sched.cosine_min_lr
+        return [low + (lr - low) * (1 + math.cos(math.pi * (e - 1) / cfg.epochs)) / 2 for e in range(1, n + 1)]
+    if cfg.scheduler == "onecycle":  # cosine up from lr/25 to lr, then down to lr/25/1e4, by step
+        start, peak = lr / 25, lr
+        end, total = start / 1e4, cfg.epochs * steps
+        up = cfg.sched.onecycle_pct_start * total - 1
+
+        def at(k: int) -> float:
+            a, b, pct = (start, peak, k / up) if k <= up else (peak, end, (k - up) / (total - 1 - up))
+            return b + (a - b) / 2 * (math.cos(math.pi * pct) + 1)
+        return [at(e * steps) for e in range(1, n + 1)]
+    # plateau: x factor once val accuracy has not beaten its best (relative 1e-4) for more than `patience` epochs
+    out, best, bad = [], -math.inf, 0
+    for row in history:
+        out.append(lr)
+        if row["val_acc"] > best * (1 + 1e-4):
+            best, bad = row["val_acc"], 0
+        else:
+            bad += 1
+        if bad > cfg.sched.plateau_patience:
+            lr, bad = lr * cfg.sched.plateau_factor, 0
+    return out
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "plateau", "none"])
+def test_learning_rates_follow_the_schedule(splits, scheduler):
+    cfg = _cfg(epochs=6, scheduler=scheduler, lr=2e-3).updated({"sched.plateau_patience": 1,
+                                                               "sched.cosine_min_lr": 1e-4})
+    result = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=pick_device("cpu"))
+    logged = [row["lr"] for row in result.history]
+    assert logged == pytest.approx(_expected_lrs(cfg, result.history, steps=3), rel=1e-9, abs=1e-15)
+    if scheduler == "plateau":
+        assert len(set(logged)) > 1  # the schedule did act, so the comparison saw a drop
+
+
 def test_bf16_autocast_on_cpu_trains(splits):
     cfg = _cfg(epochs=1, amp="bf16")
-    result = fit(create_model(cfg.model_name, **cfg.model_overrides()), *splits, cfg, device=pick_device("cpu"))
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model_name, **cfg.model_overrides())
+    result = fit(model, *splits, cfg, device=pick_device("cpu"))
     assert np.isfinite(result.history[0]["train_loss"])
+    # Autocast, not a cast: the weights stay fp32 while the forward pass runs in bf16...
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    fp32 = _cfg(epochs=1, amp="off")
+    torch.manual_seed(fp32.seed)  # the same initial weights
+    ref = fit(create_model(fp32.model_name, **fp32.model_overrides()), *splits, fp32, device=pick_device("cpu"))
+    # ...so the same seed trains to close but not identical figures (bf16 keeps 8 bits of mantissa).
+    a, b = result.history[0]["train_loss"], ref.history[0]["train_loss"]
+    assert a != b and a == pytest.approx(b, rel=0.05)
 
 
 def test_predict_proba_batched_matches_unbatched(splits):
@@ -147,13 +201,13 @@ def test_eta_reads_like_a_person_would_say_it():
                                              ("fpu avx512f amx_bf16 amx_tile", torch.bfloat16),  # Sapphire Rapids
                                              ("fpu sse2 avx2 avx512f", None), ("", None)])
 def test_amp_auto_on_cpu_picks_bf16_where_the_chip_computes_it(monkeypatch, flags, expected):
-    from pairnet.train import loop
+    from pairnet import device
 
     cpuinfo = f"processor\t: 0\nmodel name\t: test chip\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
-    parse = loop.cpu_flags
-    monkeypatch.setattr(loop, "cpu_flags", lambda: parse(cpuinfo))
-    assert loop.amp_dtype("auto", torch.device("cpu")) is expected
-    assert loop.amp_dtype("off", torch.device("cpu")) is None
+    parse = device.cpu_flags
+    monkeypatch.setattr(device, "cpu_flags", lambda: parse(cpuinfo))
+    assert device.amp_dtype("auto", torch.device("cpu")) is expected
+    assert device.amp_dtype("off", torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])

@@ -17,7 +17,7 @@ from optuna.storages.journal import JournalFileBackend
 from conftest import mlflow_run, user_env
 from pairnet.paths import folder_key, state_dir
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _children(client, experiment, parent_id):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pairnet.data.pairs import PairSet
+from pairnet.fsutil import atomic_path
 
 
 def preview_grid(pairs: PairSet, out: str | Path, n: int = 24, cols: int = 4, seed: int = 0) -> Path:
@@ -31,6 +32,6 @@ def preview_grid(pairs: PairSet, out: str | Path, n: int = 24, cols: int = 4, se
     fig.suptitle(f"{Path(pairs.source).name}: y=1 iff left digit > right digit", fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:  # a crash mid-write leaves the old file, never a torn one
+        fig.savefig(tmp, dpi=110, format="png")
     return out

@@ -21,7 +21,7 @@ from pairnet.data.pairs import IMAGE_SHAPE, to_labels
 from pairnet.errors import PairnetError
 from pairnet.models import PairModel, model_from_spec
 from pairnet.stacking import meta_features
-from pairnet.train.loop import amp_dtype, autocast, pick_device, to_device
+from pairnet.device import amp_dtype, autocast, pick_device, to_device
 
 WEIGHTS = "weights.safetensors"
 SPEC = "spec.json"

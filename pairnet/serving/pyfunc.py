@@ -30,7 +30,7 @@ class PairnetPyfunc(PythonModel):
         from pathlib import Path
 
         from pairnet.serving.predictors import PairPredictor, StackPredictor
-        from pairnet.train.loop import pick_device
+        from pairnet.device import pick_device
 
         device = pick_device()  # the serving edge: chosen once, every base model on it
         if "lineage" in context.artifacts:

@@ -26,7 +26,8 @@ from pairnet.tracking.evaluation import log_evaluation
 from pairnet.tracking.init_from import PRESET_TAG
 from pairnet.tracking.model import accuracy_on, log_pair_model
 from pairnet.train.config import TrainConfig
-from pairnet.train.loop import FitResult, amp_dtype, metrics_from_logits, predict_logits
+from pairnet.device import amp_dtype
+from pairnet.train.loop import FitResult, metrics_from_logits, predict_logits
 
 
 def git_commit() -> str:

@@ -105,26 +105,3 @@ def session(me: Rank) -> Iterator[None]:
 def log_final_weights(me: Rank, digest: str) -> None:
     if me.distributed:  # every rank says it, so anyone can check they agree
         log.info("rank %d of %d: final weights %s", me.rank, me.world, digest)
-
-
-def train_replica(cfg, data_dir, preset: str, device: str, me: Rank) -> None:
-    """A rank other than 0: the same model and batches as rank 0, its own shard of each
-    batch, no MLflow, no checkpoint. Meets rank 0 at the same collectives in the same order:
-    the data barrier, the resume state, then fit's."""
-    from pairnet.data.splits import load_splits
-    from pairnet.models import create_model, model_from_spec
-    from pairnet.models.pair import weights_digest
-    from pairnet.train.loop import fit, pick_device
-
-    barrier(me)
-    splits = load_splits(data_dir, preset)
-    resume = share(None, me)
-    if resume:
-        cfg = type(cfg).from_dict(resume["config"])
-    torch.manual_seed(cfg.seed)
-    if resume:
-        model = model_from_spec(resume["spec"])
-    else:  # rank 0's weights (fine-tuned ones included) arrive when DDP wraps the model
-        model = create_model(cfg.model_name, digit_head=cfg.aux_digit_weight > 0, **cfg.model_overrides())
-    fit(model, splits.train, splits.val, cfg, device=pick_device(device), resume=resume)
-    log_final_weights(me, weights_digest(model))

@@ -5,7 +5,6 @@ training, stacking and prediction. Tracking plugs in through callbacks.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -20,6 +19,9 @@ import torch
 
 from pairnet.data.augment import augment_batch
 from pairnet.data.pairs import PairSet
+# Device choice lives in its own leaf; its names stay importable from here.
+from pairnet.device import (NATIVE_BF16_FLAGS, amp_dtype, autocast, cpu_flags, enable_cuda_speedups,  # noqa: F401
+                            pick_device, sync, to_device)
 from pairnet.errors import PairnetError
 from pairnet.fsutil import atomic_path
 from pairnet.train import distributed
@@ -50,81 +52,7 @@ class FitResult:
     val_prob: np.ndarray | None = None  # val probabilities of the restored best weights
 
 
-# ------------------------------------------------------------------ precision
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a config value on a device (None = full fp32).
-
-    ``auto``: bf16 on GPUs that compute it natively (Ampere and later), else fp16 with a
-    GradScaler (older GPUs only emulate bf16, without tensor cores); on the CPU, bf16 where the chip
-    computes it natively (AVX512_BF16 or AMX), where bench/train_bench.py measured it faster; else fp32.
-    """
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise PairnetError("amp 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return torch.bfloat16 if NATIVE_BF16_FLAGS & cpu_flags() else None
-
-
-# /proc/cpuinfo flags of x86 chips whose bf16 dot products run in hardware, which oneDNN
-# uses for bf16 convolutions and matmuls: AVX512_BF16 (Cooper Lake, Zen 4 and later) and
-# AMX (Sapphire Rapids and later).
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo text (read when not given; empty where
-    there is none, as on macOS)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def enable_cuda_speedups() -> None:
-    """cuDNN autotuning (batch shapes are fixed, so each convolution picks its fastest
-    algorithm once) and TF32 for the fp32 matmuls and convolutions left outside autocast.
-    Process-wide flags: set when training starts on CUDA, never at import."""
-    torch.backends.cudnn.benchmark = True
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9 deprecates allow_tf32
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a clock read after it counts that work (CUDA
-    kernels run asynchronously: without it a timer measures only the launches)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; on CUDA through pinned memory without blocking the host."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
+# ------------------------------------------------------------------ compilation
 def compile_backend() -> str:
     """inductor where it can build its kernels: it compiles C++ (CPU kernels, and Triton's
     launchers on CUDA) against Python's headers. Without a compiler or the headers, e.g. a
@@ -138,14 +66,6 @@ def compile_backend() -> str:
                 "(%s: %s) and Python's headers (%s); install them, e.g. build-essential and python3-dev",
                 cxx, "found" if shutil.which(cxx) else "missing", "found" if headers else "missing")
     return "aot_eager"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PairnetError(f"device '{name}' asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------ inference
@@ -287,6 +207,249 @@ def _make_scheduler(opt, cfg: TrainConfig, steps_per_epoch: int):
     return None, "none"
 
 
+@dataclass
+class _Setup:
+    """What the epochs share: the data on the device, the (DDP-wrapped) network, optimiser,
+    scheduler and scaler, the generator that draws order and augmentation."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    sched_kind: str  # "step", "epoch", "plateau" or "none"
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+    dtype: torch.dtype | None
+    loss_fn: object
+    me: distributed.Rank
+    xs: torch.Tensor
+    ys: torch.Tensor
+    ds: torch.Tensor | None  # digit targets when the digit loss is on
+    xv: torch.Tensor
+    yv: np.ndarray
+    digits_val: np.ndarray | None
+    steps: int
+
+    @property
+    def aux(self) -> bool:
+        return self.ds is not None
+
+
+@dataclass
+class _Progress:
+    """Where training stands: what a checkpoint saves and a resume restores."""
+
+    start_epoch: int = 1
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_state: dict | None = None
+    history: list = field(default_factory=list)
+    stopped_early: bool = False
+    spent: float = 0.0  # seconds of the epochs run in this call, for the ETA
+
+
+def _set_up(model: torch.nn.Module, train: PairSet, val: PairSet, cfg: TrainConfig, device: torch.device) -> _Setup:
+    """Seeds, the data uploaded once, the model on the device (compiled, DDP-wrapped), the
+    optimiser with its tower group, the scheduler and the scaler."""
+    if device.type == "cuda":
+        enable_cuda_speedups()
+    torch.manual_seed(cfg.seed)
+    # Data order and augmentation draw on the device: a step copies nothing from the host.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    dtype = amp_dtype(cfg.amp, device)
+    loss_fn = make_loss(cfg)
+    digits_train = digit_targets(cfg, train)
+    aux = digits_train is not None
+    if aux and getattr(model, "digit_head", None) is None:
+        raise PairnetError("aux_digit_weight > 0 needs a model built with a digit head "
+                           "(create_model(..., digit_head=True))")
+    # Each split lives on the device as one uint8 tensor, uploaded once; batches are taken by index.
+    xs = to_device(torch.from_numpy(np.ascontiguousarray(train.x)), device)
+    ys = to_device(torch.from_numpy(train.require_labels().astype(np.float32)), device)
+    xv = to_device(torch.from_numpy(np.ascontiguousarray(val.x)), device)
+    yv = val.require_labels()
+    ds = to_device(torch.from_numpy(digits_train), device) if aux else None
+    n = xs.shape[0]
+    steps = n // cfg.batch_size if n >= cfg.batch_size else 1
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    net, me = _place(model, cfg, device)
+    opt = _optimizer(model, cfg, device)
+    sched, sched_kind = _make_scheduler(opt, cfg, steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+    return _Setup(net, opt, sched, sched_kind, scaler, gen, dtype, loss_fn, me, xs, ys, ds, xv, yv,
+                  digit_labels(val) if aux else None, steps)
+
+
+def _place(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, distributed.Rank]:
+    """The model on the device (channels_last, compiled as asked) and the network that trains
+    it: the model itself, or its DDP wrapper under torchrun."""
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # In place: parameters and state-dict keys stay the module's own (no _orig_mod.
+        # prefix), so checkpoints and saved models load into an uncompiled model.
+        model.compile(backend=compile_backend())
+    # Several processes (torchrun): each trains on its shard of every batch, gradients averaged.
+    me = distributed.current()
+    if not me.distributed:
+        return model, me
+    from torch.nn.parallel import DistributedDataParallel
+
+    # A frozen tower gets no gradients in the first epochs: DDP must not wait for them.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=cfg.freeze_epochs > 0), me
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # The fused kernel updates every parameter tensor in one pass instead of a Python
+    # loop over ~100 small tensors (BatchNorm, SE, biases).
+    # Two parameter groups: the tower at lr × tower_lr_mult (fine-tuning), the rest at lr.
+    tower = list(model.tower.parameters()) if hasattr(model, "tower") else []
+    in_tower = {id(q) for q in tower}
+    groups = [{"params": [q for q in model.parameters() if id(q) not in in_tower], "lr": cfg.lr}]
+    if tower:
+        groups.append({"params": tower, "lr": cfg.lr * cfg.tower_lr_mult})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+
+
+def _resume(model: torch.nn.Module, s: _Setup, resume: dict | None) -> _Progress:
+    """A fresh start, or the interrupted run's weights, optimiser, scheduler, scaler, RNG and progress."""
+    if resume is None:
+        return _Progress()
+    model.load_state_dict(resume["model"])
+    s.opt.load_state_dict(resume["optimizer"])
+    if s.sched is not None and resume.get("scheduler") is not None:
+        s.sched.load_state_dict(resume["scheduler"])
+    if resume.get("scaler"):
+        s.scaler.load_state_dict(resume["scaler"])
+    _set_rng_state(resume["rng"], s.gen)
+    p = _Progress(start_epoch=int(resume["epoch"]) + 1, best_acc=float(resume["best_val_acc"]),
+                  best_epoch=int(resume["best_epoch"]), bad_epochs=int(resume["bad_epochs"]),
+                  best_state=resume["best_state"], history=list(resume["history"]))
+    log.info("resuming at epoch %d (best val acc %.4f at epoch %d)", p.start_epoch, p.best_acc, p.best_epoch)
+    return p
+
+
+def _step(model: torch.nn.Module, s: _Setup, cfg: TrainConfig, idx: torch.Tensor, device: torch.device):
+    """One optimiser step on the batch ``idx``: its loss, logits, targets (after augmentation),
+    gradient norm, and right digit calls (0 without the digit loss)."""
+    xb = s.xs[idx].float().div_(255)
+    yb = s.ys[idx]
+    db = s.ds[idx] if s.aux else None
+    if cfg.augment:
+        xb, yb, db = augment_batch(xb, yb, s.gen, cfg.aug, digits=db)
+    with autocast(device, s.dtype):
+        if s.aux:
+            logits, dlog = s.net(xb, with_digits=True)
+        else:
+            logits = s.net(xb)
+    loss = s.loss_fn(logits, yb)
+    digit_right = 0
+    if s.aux:
+        # Rows of dlog: every left half, then every right half.
+        dtarget = torch.cat([db[:, 0], db[:, 1]])
+        loss = loss + cfg.aux_digit_weight * torch.nn.functional.cross_entropy(dlog.float(), dtarget)
+        digit_right = (dlog.detach().argmax(1) == dtarget).sum()
+    s.opt.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(s.opt)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    if s.sched_kind == "step":
+        s.sched.step()
+    return loss, logits, yb, norm, digit_right
+
+
+def _train_epoch(model: torch.nn.Module, s: _Setup, cfg: TrainConfig, epoch: int,
+                 device: torch.device) -> tuple[dict[str, float], int]:
+    """One pass over this rank's shard of the training set: the epoch's training figures
+    (whole-batch under torchrun) and the pairs seen."""
+    model.train()
+    frozen = epoch <= cfg.freeze_epochs
+    if hasattr(model, "tower"):
+        # A frozen tower is a fixed feature extractor: no gradients, BatchNorm statistics kept.
+        model.tower.requires_grad_(not frozen)
+        model.tower.train(not frozen)
+    perm = torch.randperm(s.xs.shape[0], generator=s.gen, device=device)
+    loss_sum, correct, digit_correct, norm_sum = (torch.zeros((), device=device) for _ in range(4))
+    seen = 0
+    for step in range(s.steps):
+        idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        if s.me.distributed:  # equal shards, so every rank draws the same random numbers
+            idx = idx[s.me.rank::s.me.world][:idx.numel() // s.me.world]
+        loss, logits, yb, norm, digit_right = _step(model, s, cfg, idx, device)
+        # Accumulate on the device: no host sync per step.
+        digit_correct += digit_right
+        norm_sum += norm
+        loss_sum += loss.detach() * idx.numel()
+        correct += ((logits.detach() > 0).float() == (yb > 0.5).float()).sum()
+        seen += idx.numel()
+    if s.me.distributed:  # whole-batch training figures; rank 0's BatchNorm statistics everywhere
+        totals = torch.stack([loss_sum, correct, digit_correct, torch.tensor(float(seen), device=device)])
+        torch.distributed.all_reduce(totals)
+        loss_sum, correct, digit_correct, seen = totals[0], totals[1], totals[2], int(totals[3])
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
+    metrics = {"train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+               "grad_norm": float(norm_sum) / s.steps, "lr": s.opt.param_groups[0]["lr"]}
+    if s.aux:
+        metrics["train_digit_acc"] = float(digit_correct) / (2 * seen)
+    return metrics, seen
+
+
+def _evaluate_epoch(model: torch.nn.Module, s: _Setup, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Validation figures after an epoch (and the digit accuracy when the model reads digits)."""
+    if s.digits_val is None:
+        return evaluate(model, s.xv, s.yv, device=device, loss_fn=s.loss_fn, batch_size=cfg.eval_batch_size,
+                        amp=s.dtype)
+    vlogits, vdigits = predict_with_digits(model, s.xv, device=device, batch_size=cfg.eval_batch_size, amp=s.dtype)
+    metrics = metrics_from_logits(vlogits, s.yv, loss_fn=s.loss_fn)
+    metrics["val_digit_acc"] = float((vdigits.argmax(-1).numpy() == s.digits_val).mean())
+    return metrics
+
+
+def _decide(model: torch.nn.Module, s: _Setup, p: _Progress, epoch: int, metrics: dict[str, float]) -> None:
+    """The scheduler's epoch step, and the best weights kept or a bad epoch counted."""
+    if s.sched_kind == "epoch":
+        s.sched.step()
+    elif s.sched_kind == "plateau":
+        s.sched.step(metrics["val_acc"])
+    if metrics["val_acc"] > p.best_acc:
+        p.best_acc, p.best_epoch, p.bad_epochs = metrics["val_acc"], epoch, 0
+        p.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    else:
+        p.bad_epochs += 1
+    metrics["best_val_acc"] = p.best_acc
+    p.history.append({"epoch": epoch, **metrics})
+
+
+def _checkpoint(path: Path, model: torch.nn.Module, s: _Setup, cfg: TrainConfig, p: _Progress, epoch: int) -> None:
+    """Everything a resume needs to continue bit for bit."""
+    save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": s.opt.state_dict(),
+        "scheduler": s.sched.state_dict() if s.sched is not None else None,
+        "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None,
+        "rng": _rng_state(s.gen), "epoch": epoch, "best_val_acc": p.best_acc, "best_epoch": p.best_epoch,
+        "bad_epochs": p.bad_epochs, "best_state": p.best_state, "history": p.history,
+        "config": cfg.to_dict(), "spec": getattr(model, "spec", {}),
+    })
+
+
+def _wrap_up(model: torch.nn.Module, s: _Setup, cfg: TrainConfig, p: _Progress, device: torch.device) -> FitResult:
+    """The best weights restored; one inference pass over val gives both the final metrics and
+    the probabilities that callers plot (confusion matrix) without predicting again."""
+    if p.best_state is not None:
+        model.load_state_dict(p.best_state)
+    logits = predict_logits(model, s.xv, device=device, batch_size=cfg.eval_batch_size, amp=s.dtype)
+    final = metrics_from_logits(logits, s.yv, loss_fn=s.loss_fn)
+    return FitResult(history=p.history, best_epoch=p.best_epoch, best_val_acc=p.best_acc,
+                     stopped_early=p.stopped_early, final=final, val_prob=torch.sigmoid(logits).numpy())
+
+
 def fit(
     model: torch.nn.Module,
     train: PairSet,
@@ -300,200 +463,37 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best-validation weights."""
     cfg.validate()
-    if device.type == "cuda":
-        enable_cuda_speedups()
-    torch.manual_seed(cfg.seed)
-    # Data order and augmentation draw on the device: a step copies nothing from the host.
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    dtype = amp_dtype(cfg.amp, device)
-    loss_fn = make_loss(cfg)
-    digits_train = digit_targets(cfg, train)
-    aux = digits_train is not None
-    if aux and getattr(model, "digit_head", None) is None:
-        raise PairnetError("aux_digit_weight > 0 needs a model built with a digit head "
-                           "(create_model(..., digit_head=True))")
-    digits_val = digit_labels(val) if aux else None
-
-    # Each split lives on the device as one uint8 tensor, uploaded once; batches are taken by index.
-    xs = to_device(torch.from_numpy(np.ascontiguousarray(train.x)), device)
-    ys = to_device(torch.from_numpy(train.require_labels().astype(np.float32)), device)
-    xv = to_device(torch.from_numpy(np.ascontiguousarray(val.x)), device)
-    yv = val.require_labels()
-    ds = to_device(torch.from_numpy(digits_train), device) if aux else None
-    n = xs.shape[0]
-    steps = n // cfg.batch_size if n >= cfg.batch_size else 1
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        # In place: parameters and state-dict keys stay the module's own (no _orig_mod.
-        # prefix), so checkpoints and saved models load into an uncompiled model.
-        model.compile(backend=compile_backend())
-    # Several processes (torchrun): each trains on its shard of every batch, gradients averaged.
-    me = distributed.current()
-    net = model
-    if me.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # A frozen tower gets no gradients in the first epochs: DDP must not wait for them.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=cfg.freeze_epochs > 0)
-    # The fused kernel updates every parameter tensor in one pass instead of a Python
-    # loop over ~100 small tensors (BatchNorm, SE, biases).
-    # Two parameter groups: the tower at lr × tower_lr_mult (fine-tuning), the rest at lr.
-    tower = list(model.tower.parameters()) if hasattr(model, "tower") else []
-    in_tower = {id(q) for q in tower}
-    groups = [{"params": [q for q in model.parameters() if id(q) not in in_tower], "lr": cfg.lr}]
-    if tower:
-        groups.append({"params": tower, "lr": cfg.lr * cfg.tower_lr_mult})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    sched, sched_kind = _make_scheduler(opt, cfg, steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
-
-    start_epoch, best_acc, best_epoch, bad_epochs = 1, -1.0, 0, 0
-    best_state, history = None, []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        if sched is not None and resume.get("scheduler") is not None:
-            sched.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        _set_rng_state(resume["rng"], gen)
-        start_epoch = int(resume["epoch"]) + 1
-        best_acc, best_epoch = float(resume["best_val_acc"]), int(resume["best_epoch"])
-        bad_epochs, best_state = int(resume["bad_epochs"]), resume["best_state"]
-        history = list(resume["history"])
-        log.info("resuming at epoch %d (best val acc %.4f at epoch %d)", start_epoch, best_acc, best_epoch)
-
+    s = _set_up(model, train, val, cfg, device)
+    p = _resume(model, s, resume)
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    stopped_early = False
-    spent = 0.0  # seconds of the epochs run in this call, for the ETA
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if cfg.patience and bad_epochs >= cfg.patience:
-            stopped_early = True
+    for epoch in range(p.start_epoch, cfg.epochs + 1):
+        if cfg.patience and p.bad_epochs >= cfg.patience:
+            p.stopped_early = True
             break
-        model.train()
-        frozen = epoch <= cfg.freeze_epochs
-        if hasattr(model, "tower"):
-            # A frozen tower is a fixed feature extractor: no gradients, BatchNorm statistics kept.
-            model.tower.requires_grad_(not frozen)
-            model.tower.train(not frozen)
         sync(device)
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        digit_correct = torch.zeros((), device=device)
-        norm_sum = torch.zeros((), device=device)
-        seen = 0
-        for step in range(steps):
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            if me.distributed:  # equal shards, so every rank draws the same random numbers
-                idx = idx[me.rank::me.world][:idx.numel() // me.world]
-            xb = xs[idx].float().div_(255)
-            yb = ys[idx]
-            db = ds[idx] if aux else None
-            if cfg.augment:
-                xb, yb, db = augment_batch(xb, yb, gen, cfg.aug, digits=db)
-            with autocast(device, dtype):
-                if aux:
-                    logits, dlog = net(xb, with_digits=True)
-                else:
-                    logits = net(xb)
-            loss = loss_fn(logits, yb)
-            if aux:
-                # Rows of dlog: every left half, then every right half.
-                dtarget = torch.cat([db[:, 0], db[:, 1]])
-                loss = loss + cfg.aux_digit_weight * torch.nn.functional.cross_entropy(dlog.float(), dtarget)
-                digit_correct += (dlog.detach().argmax(1) == dtarget).sum()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            scaler.step(opt)
-            scaler.update()
-            if sched_kind == "step":
-                sched.step()
-            # Accumulate on the device: no host sync per step.
-            loss_sum += loss.detach() * idx.numel()
-            correct += ((logits.detach() > 0).float() == (yb > 0.5).float()).sum()
-            seen += idx.numel()
-        if me.distributed:  # whole-batch training figures; rank 0's BatchNorm statistics everywhere
-            totals = torch.stack([loss_sum, correct, digit_correct, torch.tensor(float(seen), device=device)])
-            torch.distributed.all_reduce(totals)
-            loss_sum, correct, digit_correct, seen = totals[0], totals[1], totals[2], int(totals[3])
-            for buf in model.buffers():
-                torch.distributed.broadcast(buf, src=0)
+        metrics, seen = _train_epoch(model, s, cfg, epoch, device)
         sync(device)
         train_seconds = time.perf_counter() - t0
-
-        metrics = {
-            "train_loss": float(loss_sum) / seen,
-            "train_acc": float(correct) / seen,
-            "grad_norm": float(norm_sum) / steps,
-            "lr": opt.param_groups[0]["lr"],
-        }
-        if aux:
-            metrics["train_digit_acc"] = float(digit_correct) / (2 * seen)
-        if digits_val is not None:
-            vlogits, vdigits = predict_with_digits(model, xv, device=device, batch_size=cfg.eval_batch_size, amp=dtype)
-            metrics.update(metrics_from_logits(vlogits, yv, loss_fn=loss_fn))
-            metrics["val_digit_acc"] = float((vdigits.argmax(-1).numpy() == digits_val).mean())
-        else:
-            metrics.update(evaluate(model, xv, yv, device=device, loss_fn=loss_fn, batch_size=cfg.eval_batch_size,
-                                    amp=dtype))
+        metrics.update(_evaluate_epoch(model, s, cfg, device))
         sync(device)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["pairs_per_s"] = seen / train_seconds
-        metrics = distributed.share(metrics, me)  # every rank takes rank 0's decisions from here on
-        if sched_kind == "epoch":
-            sched.step()
-        elif sched_kind == "plateau":
-            sched.step(metrics["val_acc"])
-
-        if metrics["val_acc"] > best_acc:
-            best_acc, best_epoch, bad_epochs = metrics["val_acc"], epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        metrics["best_val_acc"] = best_acc
-        history.append({"epoch": epoch, **metrics})
-        spent += metrics["epoch_seconds"]
-        ran = epoch - start_epoch + 1
-        if me.main:
+        metrics = distributed.share(metrics, s.me)  # every rank takes rank 0's decisions from here on
+        _decide(model, s, p, epoch, metrics)
+        p.spent += metrics["epoch_seconds"]
+        if s.me.main:
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val acc %.4f  %.1fs  %s", epoch, cfg.epochs,
                      metrics["train_loss"], metrics["train_acc"], metrics["val_acc"], metrics["epoch_seconds"],
-                     eta(spent / ran * (cfg.epochs - epoch)))
-
+                     eta(p.spent / (epoch - p.start_epoch + 1) * (cfg.epochs - epoch)))
         if ckpt is not None:
-            save_checkpoint(ckpt, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": _rng_state(gen), "epoch": epoch, "best_val_acc": best_acc, "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs, "best_state": best_state, "history": history,
-                "config": cfg.to_dict(), "spec": getattr(model, "spec", {}),
-            })
+            _checkpoint(ckpt, model, s, cfg, p, epoch)
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)
         if ckpt is not None:
             for cb in callbacks:
                 cb.on_checkpoint(ckpt, epoch)
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    # One inference pass over val gives both the final metrics and the probabilities
-    # that callers plot (confusion matrix) without predicting again.
-    logits = predict_logits(model, xv, device=device, batch_size=cfg.eval_batch_size, amp=dtype)
-    final = metrics_from_logits(logits, yv, loss_fn=loss_fn)
-    result = FitResult(history=history, best_epoch=best_epoch, best_val_acc=best_acc, stopped_early=stopped_early,
-                       final=final, val_prob=torch.sigmoid(logits).numpy())
+    result = _wrap_up(model, s, cfg, p, device)
     for cb in callbacks:
         cb.on_fit_end(result)
     return result
-
