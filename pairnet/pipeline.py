@@ -168,17 +168,14 @@ def run_pipeline(req: PipelineRequest) -> dict:
         return _run_locked(req, preset, d)
 
 
-def pretrain_splits(req: PipelineRequest, preset: dict, splits) -> tuple:
-    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``) and the
-    training values that pretraining adds (the preset's ``tower`` profile, for pairnet's own set)."""
+def pretrain_splits(req: PipelineRequest, preset: dict, splits):
+    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``)."""
     if req.pretrain_data_dir:
-        return load_splits(req.pretrain_data_dir, req.preset), {}
+        return load_splits(req.pretrain_data_dir, req.preset)
     if digit_labels(splits.train) is not None:
-        return splits, {}
-    tower = dict(preset.get("tower", {}))
-    size = tower.pop("data_size", preset["data_size"])
-    folder = default_set_dir(size)
-    gen = GenConfig(size=size, seed=req.seed)
+        return splits
+    folder = default_set_dir(preset["data_size"])
+    gen = GenConfig(size=preset["data_size"], seed=req.seed)
     # Byte-identical to the default set of that size made anywhere else (same seed, same bytes),
     # so the pretrain step's key, which hashes the files, finds a tower made from it before.
     if has_pair_files(folder) and not _meta_matches(folder, gen):
@@ -187,7 +184,7 @@ def pretrain_splits(req: PipelineRequest, preset: dict, splits) -> tuple:
     ensure_dataset(folder, size=gen.size, seed=gen.seed, severity=gen.severity)
     log.info("step pretrain: %s has no digit labels; the towers pretrain on the default %s set in %s",
              splits.data_dir, gen.size, folder)
-    return load_splits(folder, req.preset), tower
+    return load_splits(folder, req.preset)
 
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
@@ -216,14 +213,14 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         else:
             _run_data_step(d, gen, parent)
         splits = load_splits(d, req.preset)
-        pre_splits, tower = pretrain_splits(req, preset, splits)
+        pre_splits = pretrain_splits(req, preset, splits)
 
         # stage 0: pretrained towers, then the base models started from the exact versions
         # these steps registered or reused (not whichever version holds the alias now)
         pretrained = {}
         for variant in PRETRAIN[req.preset]:
-            row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent, reused,
-                               overrides=tower)[0]
+            row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent,
+                               reused)[0]
             rows.append(row)
             pretrained[variant] = f"models:/{row['name']}/{row['version']}"
             if pre_splits.data_dir != splits.data_dir:  # the tower on the user's data, untouched
@@ -295,14 +292,14 @@ def _suffix(row: dict) -> str:
 
 
 def train_key(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest,
-              splits, code: str, env: dict, overrides: dict | None = None) -> tuple:
+              splits, code: str, env: dict) -> tuple:
     """A training step's config, registered name, label and key. The key holds the whole
     config (init_from's exact version included), where it runs, the files it reads, the code
     and the library versions: a change to any of them reruns the step and, through the new
     version it registers, every step started from it."""
     from pairnet.stages import registered_for
 
-    explicit = {**(overrides or {}), "model_name": variant, "seed": seed}
+    explicit = {"model_name": variant, "seed": seed}
     if init_from:
         explicit["init_from"] = init_from
         # Digit supervision wherever the data has digit labels (the default set does).
@@ -327,7 +324,7 @@ def predict_key(model_uri: str, d: Path, code: str, env: dict) -> str:
 
 
 def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, env: dict, client: MlflowClient,
-                 parent: str, reused: list, overrides: dict | None = None) -> list[dict]:
+                 parent: str, reused: list) -> list[dict]:
     """Independent training steps (stage, variant, seed, init_from): each reuses the FINISHED
     run with its key, the others train, ``req.jobs`` at a time in worker processes."""
     from pairnet.parallel import Member, member_device, report_failures, train_members
@@ -335,7 +332,7 @@ def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, en
     rows: list[dict | None] = []
     todo: list[tuple[int, Member, str]] = []
     for stage, variant, seed, init_from in steps:
-        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env, overrides)
+        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env)
         done = find_finished(key, client)
         if done is not None and _version_exists(done, client):
             log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
