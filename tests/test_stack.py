@@ -170,12 +170,13 @@ def test_mlflow_models_serve_answers(stacked, mlflow_server, tiny_data):
         proc.wait(timeout=30)
 
 
-# A Python that cannot import pairnet: the editable install's finder and every path into the
-# checkout are dropped before anything is imported; MLflow must bring pairnet with the model.
+# A Python that cannot import pairnet: the editable install's finder and every path that holds a
+# pairnet folder (the checkout) are dropped before anything is imported (the venv's site-packages,
+# which may live inside the checkout, stays); MLflow must bring pairnet with the model.
 FRESH = r"""
-import importlib.util, sys
+import importlib.util, os, sys
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-sys.path[:] = [p for p in sys.path if p and not p.startswith(sys.argv[1])]
+sys.path[:] = [p for p in sys.path if p and not os.path.isdir(os.path.join(p, "pairnet"))]
 assert importlib.util.find_spec("pairnet") is None, "pairnet importable before loading"
 import mlflow, numpy as np
 x = np.load(sys.argv[3])
