@@ -30,7 +30,7 @@ from pairnet.paths import PACKAGE_DIR, default_set_dir
 from pairnet.presets import build_config, check_preset
 from pairnet.tracking import registry
 from pairnet.tracking.lifecycle import experiment_url, log_config_file, tracked_run
-from pairnet.tracking.model import accuracy_on
+from pairnet.tracking.model import accuracies_on
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
 from pairnet.data.splits import check_data_dir, load_splits, preset_data_dir
 from pairnet.tracking.session import setup_tracking
@@ -278,8 +278,8 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
 def zero_shot_row(pretrained: dict, splits) -> dict:
     """The pretrained tower judged on the pipeline's own val and test_public, untrained on them."""
     uri = f"models:/{pretrained['name']}/{pretrained['version']}"
-    val = accuracy_on(uri, splits.val)
-    public = accuracy_on(uri, splits.public) if splits.public is not None else None
+    val, *rest = accuracies_on(uri, splits.val, *([splits.public] if splits.public is not None else []))
+    public = rest[0] if rest else None
     mlflow.log_metrics({f"zero_shot_val_acc_{pretrained['model']}": val,
                         **({f"zero_shot_test_public_acc_{pretrained['model']}": public} if public is not None else {})})
     return {**pretrained, "val_acc": val, "test_public_acc": public, "zero_shot": True}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import os
 import signal
@@ -13,11 +12,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, mlflow_run, user_env
+from pairnet import report
 from pairnet.data.pairs import load_pairs
 from pairnet.train import TrainConfig
 
@@ -28,12 +27,6 @@ def _runs(client, experiment, filter_string=""):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"experiment {experiment} was not created"
     return client.search_runs([exp.experiment_id], filter_string=filter_string)
-
-
-def _table(client, run_id: str, path: str):
-    """An MLflow table artifact (mlflow.log_table's JSON: columns and rows) as a DataFrame."""
-    with open(client.download_artifacts(run_id, path)) as fh:
-        return pd.DataFrame(**json.load(fh))
 
 
 def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data):
@@ -73,11 +66,11 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
             {"digit_pair_errors.json", "digit_pair_errors.png"} if digits else set()), (split, files)
         assert digits == (split == "val")
     val = load_pairs(tiny_data / "val.npz")
-    table = _table(client, run.info.run_id, "eval/val/digit_pair_errors.json")
+    table = report.digit_pair_errors(run.info.run_id)
     errors = round((1 - run.data.metrics["final_val_acc"]) * len(val))
     assert table["errors"].sum() == errors and table["pairs"].sum() == len(val) and len(table) <= 90
     assert (table["left"] != table["right"]).all()  # a pair's digits always differ
-    predictions = _table(client, run.info.run_id, "eval/val/predictions.json")
+    predictions = report.predictions(run.info.run_id)
     assert len(predictions) == len(val) and (predictions["predicted"] != predictions["label"]).sum() == errors
     # The registry: a version with val metrics as tags and the champion alias.
     mv = client.get_model_version_by_alias("pairnet-resnet_optimized_1.12", "champion")

@@ -161,6 +161,14 @@ def copy_model_artifacts(uri: str, dst: Path, client: MlflowClient | None = None
 def accuracy_on(uri: str, pairs, client: MlflowClient | None = None) -> float:
     """Accuracy of a registered pairnet model (a pair model or the stack) on labelled pairs:
     how the champion gate measures a champion on another version's val data."""
+    return accuracies_on(uri, pairs, client=client)[0]
+
+
+def accuracies_on(uri: str, *pair_sets, client: MlflowClient | None = None) -> list[float]:
+    """Its accuracy on each labelled pair set, the model downloaded and loaded once."""
     model = load_trusted(uri, client)
-    prob = model.probabilities(pairs.x) if isinstance(model, StackPredictor) else model.predict(pairs.x)
-    return float((to_labels(prob) == np.asarray(pairs.y)).mean())
+    out = []
+    for pairs in pair_sets:
+        prob = model.probabilities(pairs.x) if isinstance(model, StackPredictor) else model.predict(pairs.x)
+        out.append(float((to_labels(prob) == np.asarray(pairs.y)).mean()))
+    return out
