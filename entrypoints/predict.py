@@ -1,8 +1,8 @@
-"""MLproject entry point `predict`: parse → call pairnet → exit."""
+"""MLproject entry point `predict`: parse → call pairnet → exit (``--force true|false``)."""
 
 import sys
 
-from pairnet.cli import main
+from pairnet.cli import main, param_flags
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    sys.exit(main(["predict", *param_flags(sys.argv[1:], "--force")]))

@@ -673,6 +673,22 @@ def _global_after_commands(parser: argparse.ArgumentParser) -> None:
                 _global_after_commands(command)
 
 
+def param_flags(args: list[str], *flags: str) -> list[str]:
+    """MLproject passes ``--force true|false``; the CLI's ``--force`` is a plain flag."""
+    out, it = [], iter(args)
+    for arg in it:
+        if arg in flags:
+            value = next(it, "false").strip().lower()
+            if value not in ("1", "true", "yes", "0", "false", "no", ""):
+                print(f"pairnet: error: {arg} takes true or false, not {value!r}", file=sys.stderr)
+                raise SystemExit(2)
+            if value in ("1", "true", "yes"):
+                out.append(arg)
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar per artifact download; the stages draw their own.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -699,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pairnet: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine failed the work (disk full, a folder gone): one line, exit 1
+        logging.getLogger("pairnet").debug("the OS error in full", exc_info=True)  # -v shows the traceback
+        print(f"pairnet: error: {mask_url(str(err))}", file=sys.stderr)
+        return 1
     except BaseException as err:
         # SIGTERM raises lifecycle.Terminated once the runs are ended; looked up, not imported (mlflow is slow)
         lifecycle = sys.modules.get("pairnet.tracking.lifecycle")

@@ -59,7 +59,7 @@ from pairnet.proc import ProcessId
 from pairnet.redact import mask_url
 from pairnet.tracking import registry
 from pairnet.models.transfer import copy_matching
-from pairnet.tracking.callback import MlflowCallback
+from pairnet.tracking.callback import MetricsLost, MlflowCallback
 from pairnet.tracking.init_from import fetch_init_source
 from pairnet.tracking.lifecycle import Terminated, log_config_file, tracked_run
 from pairnet.tracking.model import accuracy_on, log_pair_model
@@ -287,7 +287,10 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
         tracker: list[MlflowCallback] = []  # the trial's callback, once it exists
 
         def abort(err: BaseException) -> None:
-            _flush(tracker[0] if tracker else None)
+            if tracker and isinstance(err, MetricsLost):  # the trial's run ends FAILED, tagged with the count
+                tracker[0].abort(err)
+            else:
+                _flush(tracker[0] if tracker else None)
             if isinstance(err, Terminated):  # Optuna fails a trial on KeyboardInterrupt, not on other signals
                 trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
 

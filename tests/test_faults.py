@@ -87,6 +87,107 @@ def test_data_make_never_overwrites_without_force(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_an_interrupted_data_make_leaves_whole_files(tiny_data, tmp_path, monkeypatch, capsys):
+    """A make that fails while moving its files in (a full disk on the third rename) leaves each
+    file whole, old or new, and no meta.json: the folder says it holds no whole set."""
+    import pairnet.data.generate as generate
+
+    out, fresh = tmp_path / "d", tmp_path / "fresh"
+    assert main(["data", "make", "--out", str(out), "--size", "tiny", "--seed", "7"]) == 0
+    assert main(["data", "make", "--out", str(fresh), "--size", "tiny", "--seed", "8"]) == 0
+    old, new = digests(out), digests(fresh)
+    moves, real_replace = [], os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent == out:  # a finished file moving in (os is shared: not the temp-file renames)
+            if len(moves) == 2:
+                raise OSError(28, "No space left on device")
+            moves.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(generate.os, "replace", replace)
+    capsys.readouterr()
+    assert main(["data", "make", "--out", str(out), "--size", "tiny", "--seed", "8", "--force"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "No space left" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    after = digests(out)
+    assert len(moves) == 2 and "meta.json" not in after
+    assert all(after[n] == new[n] for n in moves)
+    assert all(after[n] == old[n] for n in after if n not in moves)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # staging cleaned
+    monkeypatch.undo()
+    assert main(["data", "make", "--out", str(out), "--size", "tiny", "--seed", "8", "--force"]) == 0
+    assert digests(out) == new
+
+
+def test_a_sigkilled_data_make_leaves_the_old_set_and_its_litter_is_swept(tmp_path):
+    out = tmp_path / "d"
+    env = {**os.environ, "PAIRNET_DATA_DIR": str(tmp_path / "project")}
+    assert pairnet(env, "data", "make", "--out", out, "--size", "tiny", "--seed", "7").returncode == 0
+    old = digests(out)
+    proc = subprocess.Popen(PAIRNET + ["data", "make", "--out", str(out), "--size", "tiny", "--seed", "8",
+                                       "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = wait_for(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".making-d-")], 120,
+                       "the staging folder")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # Killed while the set was being built beside the folder: the folder still holds the old set.
+    assert digests(out) == old and staging[0].exists()
+    sibling = tmp_path / ".making-d-x-abcdefgh"  # another folder's (d-x) staging: not ours to sweep
+    sibling.mkdir()
+    assert pairnet(env, "data", "make", "--out", out, "--size", "tiny", "--seed", "8", "--force").returncode == 0
+    assert not staging[0].exists() and sibling.exists() and digests(out) != old
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+    from pairnet.fsutil import atomic_path, write_text
+
+    f = tmp_path / "meta.json"
+    write_text(f, "old\n")
+    with pytest.raises(OSError), atomic_path(f) as tmp:
+        tmp.write_text("half a fi")
+        raise OSError(28, "No space left on device")
+    assert f.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_a_held_folder_lock_refuses_data_make(tmp_path):
+    """A second `data make` (or pipeline) on a folder another pairnet process holds is refused in one
+    line, exit 2, the files untouched; the lock lives in the state folder, not in the data folder."""
+    out = tmp_path / "d"
+    env = {**os.environ, "PAIRNET_DATA_DIR": str(tmp_path / "project")}
+    assert pairnet(env, "data", "make", "--out", out, "--size", "tiny", "--seed", "7").returncode == 0
+    before = digests(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pairnet.fsutil import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'run the tiny pipeline'):\n print('held', flush=True); time.sleep(120)",
+         str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = pairnet(env, "data", "make", "--out", out, "--size", "tiny", "--seed", "8", "--force")
+        one_line_error(res, str(out), "in use by another pairnet process")
+        assert digests(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert pairnet(env, "data", "make", "--out", out, "--size", "tiny", "--seed", "8", "--force").returncode == 0
+    assert not [p for p in out.iterdir() if p.suffix == ".lock"]
+
+
+@pytest.mark.slow
+def test_a_second_pipeline_on_a_locked_folder_is_refused(mlflow_server, tiny_data, tmp_path):
+    from pairnet.fsutil import folder_lock
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for f in tiny_data.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    env = user_env(mlflow_server, "it-faults-locked")
+    with folder_lock(d, "run the tiny pipeline"):  # this process stands in for the first pipeline
+        res = pairnet(env, "pipeline", "--preset", "tiny", "--data-dir", d)
+    one_line_error(res, str(d), "in use by another pairnet process")
+    assert not runs_of(MlflowClient(), "it-faults-locked")
+
+
 @pytest.mark.slow
 def test_data_entry_point_refuses_a_users_folder(mlflow_server, tmp_path):
     user = tmp_path / "mine"
@@ -151,6 +252,12 @@ def test_preview_and_predict_write_over_only_their_own_output(tiny_data, tmp_pat
     pred.write_text(pred.read_text() + "# edited by hand\n")  # no longer what predict wrote
     capsys.readouterr()
     assert predict(pred) == 2 and "refusing to overwrite" in capsys.readouterr().err
+    # The MLproject entry point passes `-P force=true|false` on to the flag.
+    entry = [sys.executable, "entrypoints/predict.py", "--model", str(model), "--data", data, "--out", str(pred)]
+    res = subprocess.run(entry + ["--force", "false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "refusing to overwrite" in res.stderr and "# edited" in pred.read_text()
+    res = subprocess.run(entry + ["--force", "maybe"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--force takes true or false" in res.stderr
     assert predict(pred, "--force") == 0 and "# edited" not in pred.read_text()
     assert main(["check-submission", "--data", data, "--pred", str(pred)]) == 0
 
@@ -316,7 +423,9 @@ def test_the_flush_limit_is_seconds_or_one_line(monkeypatch):
 
 
 @pytest.mark.slow
-def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path):
+@pytest.mark.parametrize("command", ["stage2", "tune"])
+def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path, command):
+    """A training run, and a tune trial's run, whose buffered metrics never reached the server."""
     from pairnet.tracking import server
 
     root, port = tmp_path / "server", _free_port()
@@ -324,9 +433,11 @@ def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_p
     # The flush limit lowered from 600 s: the server stays away past it.
     env = {**user_env(info.url, "it-faults-lost"), "PAIRNET_TRACKING_FLUSH_S": "3"}
     epochs, stderr = 12, tmp_path / "stderr.txt"
+    args = {"stage2": ["--max-steps-per-epoch", "30"],
+            "tune": ["--n-trials", "1", "--storage", str(tmp_path / "study.journal")]}[command]
     with open(stderr, "w") as err_file:
-        proc = subprocess.Popen(PAIRNET + ["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name",
-                                           "compare_cnn", "--epochs", str(epochs), "--max-steps-per-epoch", "30"],
+        proc = subprocess.Popen(PAIRNET + [command, "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name",
+                                           "compare_cnn", "--epochs", str(epochs), *args],
                                 env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     try:
         client = MlflowClient(info.url)
@@ -345,7 +456,10 @@ def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_p
                   if not key.startswith("system/"))
         epoch_keys = {k for k in run.data.metrics if not k.startswith("system/")}
         assert lost > 0 and len(_history(client, run_id)) < epochs
-        assert got + lost == epochs * len(epoch_keys)  # every value an epoch logged: on the server or counted lost
+        # A trial's callback also queues the best weights' final metrics (final_val_*, best_epoch).
+        finals = len([k for k in epoch_keys if k.startswith("val_")]) + 1 if command == "tune" else 0
+        assert not [k for k in epoch_keys if k.startswith("final_")]  # those were queued last: lost
+        assert got + lost == epochs * len(epoch_keys) + finals  # every value logged: on the server or counted lost
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -3,7 +3,11 @@ that depend on it get a new key (and so rerun); every other step keeps its key (
 
 A step whose key changes registers a new version when it reruns, and the steps started
 from that version (fine-tuned models, the stack, the predictions) name it in their own
-keys; ``plan`` follows that chain the way a rerun would.
+keys; ``plan`` follows that chain the way a rerun would. The pipeline does the same: it hands
+each fine-tuning step the exact version its own pretrain step registered or reused, never
+whichever version holds ``@champion`` (``test_realdata.py::
+test_finetuning_starts_from_the_exact_pretrained_version_not_the_alias`` checks that on a real
+pipeline while another version is champion), so what ``plan`` assumes is what a rerun does.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -305,6 +306,9 @@ def image_stats(x: np.ndarray) -> dict[str, float]:
     }
 
 
+STAGING_PREFIX = ".making-"  # the sibling folder a set is built in before it moves in
+
+
 def make_dataset(out: str | Path, cfg: GenConfig, progress=None, *, force: bool = False) -> dict:
     """Write the standard set (train, val, public/private tests, labels CSV, meta.json).
 
@@ -324,10 +328,18 @@ def make_dataset(out: str | Path, cfg: GenConfig, progress=None, *, force: bool 
         if present and not force:
             raise PairnetError(f"{out} already holds {', '.join(present)}; refusing to overwrite them "
                                "(pass --force to replace them, or choose another --out)")
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.making-", dir=out.parent))
+        # A make killed before it could clean up (SIGKILL) left its staging folder; under the
+        # lock no live make owns one.
+        prefix = f"{STAGING_PREFIX}{out.name}-"
+        for stale in out.parent.glob(f"{prefix}*"):
+            if re.fullmatch(r"[a-z0-9_]{8}", stale.name[len(prefix):]):  # mkdtemp's suffix: not a sibling's
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
         try:
             meta = _write_set(staging, cfg, progress)
-            # meta.json last: a folder with a meta.json holds a whole set.
+            # meta.json goes first and comes back last: a folder with a meta.json holds a whole
+            # set, and one a failed move left half old, half new has none.
+            (out / "meta.json").unlink(missing_ok=True)
             for name in sorted(p.name for p in staging.iterdir() if p.name != "meta.json") + ["meta.json"]:
                 os.replace(staging / name, out / name)
             log.info("wrote the %s set to %s (%s pairs)", cfg.size, out,
