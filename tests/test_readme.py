@@ -101,7 +101,7 @@ def test_every_fault_row_names_a_test_that_exists():
     text = (ROOT / "docs" / "faults.md").read_text()
     rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| scenario")]
     named = [re.findall(r"`(test_\w+\.py)::(test_\w+)`", r) for r in rows]
-    assert rows and all(named), [r[:60] for r, n in zip(rows, named) if not n]
+    assert rows and all(named), [r[:60] for r, n in zip(rows, named, strict=True) if not n]
     missing = [f"{f}::{t}" for pairs in named for f, t in pairs
                if not re.search(rf"^def {t}\(", (ROOT / "tests" / f).read_text(), flags=re.M)]
     assert not missing, missing
