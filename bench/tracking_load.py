@@ -7,7 +7,10 @@ per-step metrics through pairnet's own path: a ``tracked_run`` and the buffering
 no run left RUNNING. Bounded in count (``--procs``, ``--steps``) and time (``--max-seconds``:
 processes still running then are killed and counted).
 
-Usage: python bench/tracking_load.py [--procs 8] [--steps 300] [--max-seconds 600]
+``--backend-store-uri postgresql://user@host:5432/db`` runs the same load against a server
+on that database instead (the password in PGPASSWORD; the database empty or pairnet's own).
+
+Usage: python bench/tracking_load.py [--procs 8] [--steps 300] [--max-seconds 600] [--backend-store-uri URL]
 Last line: a JSON object with runs, metrics_sent, metrics_found, lost, running_left,
 p95_log_ms (95th percentile of the log_batch requests the callbacks sent, in ms), seconds.
 """
@@ -96,6 +99,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="training steps per process, each logging "
                     f"{len(KEYS)} metrics (default 300)")
     ap.add_argument("--max-seconds", type=float, default=600, help="bound on the whole bench (default 600)")
+    ap.add_argument("--backend-store-uri", default="", help="the server's store (default: SQLite in a temporary "
+                    "folder); e.g. postgresql://user@host:5432/db")
     args = ap.parse_args()
     from mlflow.tracking import MlflowClient
 
@@ -103,10 +108,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root, port = Path(tmp) / "server", _free_port()
-        info = server.start(port=port, root=root)  # SQLite backend and local artifacts: the zero-setup default
+        # SQLite backend and local artifacts, the zero-setup default, unless a store is named.
+        info = server.start(port=port, root=root, backend_store_uri=args.backend_store_uri or None)
         try:
             client = MlflowClient(info.url)
-            experiment_id = client.create_experiment(EXPERIMENT)
+            experiment_id = client.create_experiment(f"{EXPERIMENT}-{int(time.time())}")
             ctx = mp.get_context("spawn")
             results = ctx.Queue()
             t0 = time.perf_counter()
@@ -140,8 +146,9 @@ def main() -> None:
     p95 = round(float(np.percentile(ms, 95)), 1) if ms.size else None
     print(f"{args.procs} processes x {args.steps} steps: {found} of {sent} metric values on the server, "
           f"{running} runs left RUNNING, {len(got)} processes reported, {seconds:.1f} s")
-    print(json.dumps({"runs": len(runs), "metrics_sent": sent, "metrics_found": found, "lost": sent - found,
-                      "running_left": running, "p95_log_ms": p95,
+    print(json.dumps({"store": "postgresql" if args.backend_store_uri.startswith("postgresql") else "sqlite",
+                      "procs": args.procs, "runs": len(runs), "metrics_sent": sent, "metrics_found": found,
+                      "lost": sent - found, "running_left": running, "p95_log_ms": p95,
                       "seconds": round(seconds, 1)}))
 
 

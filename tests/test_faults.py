@@ -275,20 +275,33 @@ def test_partial_data_folder_is_refused_not_filled(mlflow_server, tiny_data, tmp
 
 
 @pytest.mark.slow
-def test_bad_parameters_fail_before_data_or_runs(mlflow_server, tiny_data, tmp_path):
-    env = user_env(mlflow_server, "it-faults-params")
+def test_bad_parameters_fail_before_data_or_runs(mlflow_server, tiny_data, tmp_path, monkeypatch, capsys):
+    """In process (the CLI's main, as the `pairnet` command calls it): one subprocess shows the
+    same line without a traceback."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "it-faults-params")
     empty = tmp_path / "fresh"
+
+    def refused(*args: str, needle: str) -> None:
+        capsys.readouterr()
+        try:
+            code = main([*args])
+        except SystemExit as exit_:  # argparse's own refusals exit from inside parse_args
+            code = exit_.code
+        lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("usage:")]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("pairnet") and needle in lines[0], lines
+
     for flag, value, needle in (("--epochs", "inf", "not a finite number"), ("--lr", "nan", "not a finite number"),
                                 ("--weight-decay", "inf", "not a finite number"),
                                 ("--label-smoothing", "nan", "not a finite number"),
                                 ("--dropout", "1.5", "dropout must be in [0, 1)"),
                                 ("--model-name", "bogus", "unknown model 'bogus'")):
-        res = pairnet(env, "stage2", "--preset", "tiny", "--data-dir", empty, flag, value)
-        one_line_error(res, needle)
+        refused("stage2", "--preset", "tiny", "--data-dir", str(empty), flag, value, needle=needle)
     a_file = tmp_path / "not_a_folder"
     a_file.write_text("x")
-    one_line_error(pairnet(env, "stage2", "--preset", "tiny", "--data-dir", a_file), "is a file")
-    one_line_error(pairnet(env, "pipeline", "--preset", "tiny", "--data-dir", a_file), "is a file")
+    refused("stage2", "--preset", "tiny", "--data-dir", str(a_file), needle="is a file")
+    refused("pipeline", "--preset", "tiny", "--data-dir", str(a_file), needle="is a file")
+    one_line_error(pairnet(user_env(mlflow_server, "it-faults-params"), "stage2", "--preset", "tiny", "--data-dir",
+                           empty, "--lr", "nan"), "not a finite number")
     assert not empty.exists()  # no data was made for a run that could not start
     assert not runs_of(MlflowClient(), "it-faults-params")
 
@@ -423,46 +436,51 @@ def test_the_flush_limit_is_seconds_or_one_line(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["stage2", "tune"])
-def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path, command):
-    """A training run, and a tune trial's run, whose buffered metrics never reached the server."""
+def test_metrics_that_never_reach_the_server_end_the_run_failed(tiny_data, tmp_path):
+    """A training run and a tune trial's run, side by side, whose buffered metrics never
+    reached the server: both end FAILED, tagged with the count, every value accounted for."""
     from pairnet.tracking import server
 
     root, port = tmp_path / "server", _free_port()
     info = server.start(port=port, root=root)
-    # The flush limit lowered from 600 s: the server stays away past it.
-    env = {**user_env(info.url, "it-faults-lost"), "PAIRNET_TRACKING_FLUSH_S": "3"}
-    epochs, stderr = 12, tmp_path / "stderr.txt"
-    args = {"stage2": ["--max-steps-per-epoch", "30"],
-            "tune": ["--n-trials", "1", "--storage", str(tmp_path / "study.journal")]}[command]
-    with open(stderr, "w") as err_file:
-        proc = subprocess.Popen(PAIRNET + [command, "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name",
-                                           "compare_cnn", "--epochs", str(epochs), *args],
-                                env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+    epochs = 12
+    commands = {"stage2": ["--max-steps-per-epoch", "30"],
+                "tune": ["--n-trials", "1", "--storage", str(tmp_path / "study.journal")]}
+    procs, stderr = {}, {c: tmp_path / f"{c}.stderr" for c in commands}
+    for command, args in commands.items():
+        # The flush limit lowered from 600 s: the server stays away past it.
+        env = {**user_env(info.url, f"it-faults-lost-{command}"), "PAIRNET_TRACKING_FLUSH_S": "3"}
+        with open(stderr[command], "w") as err_file:
+            procs[command] = subprocess.Popen(
+                PAIRNET + [command, "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", "compare_cnn",
+                           "--epochs", str(epochs), *args], env=env, stdout=subprocess.DEVNULL, stderr=err_file)
     try:
         client = MlflowClient(info.url)
-        run_id = wait_for(lambda: next((r.info.run_id for r in runs_of(client, "it-faults-lost")
-                                        if _history(client, r.info.run_id)), None), 180, "the first epoch")
+        run_ids = {c: wait_for(lambda c=c: next((r.info.run_id for r in runs_of(client, f"it-faults-lost-{c}")
+                                                 if _history(client, r.info.run_id)), None), 180, f"{c}'s first epoch")
+                   for c in commands}
         server.stop(port=port, root=root)
-        wait_for(lambda: "gave up on" in stderr.read_text(), 300, "the callback to give up")
-        server.start(port=port, root=root)  # back in time for the run to end, too late for its metrics
-        assert proc.wait(timeout=300) == 1, stderr.read_text()[-3000:]  # the work failed; the inputs were fine
-        err = stderr.read_text()
-        assert "could not reach the tracking server within 3 s (PAIRNET_TRACKING_FLUSH_S)" in err, err[-3000:]
-        run = client.get_run(run_id)
-        assert run.info.status == "FAILED"
-        lost = int(run.data.tags["pairnet.metrics_lost"])
-        got = sum(len(client.get_metric_history(run_id, key)) for key in run.data.metrics
-                  if not key.startswith("system/"))
-        epoch_keys = {k for k in run.data.metrics if not k.startswith("system/")}
-        assert lost > 0 and len(_history(client, run_id)) < epochs
-        # A trial's callback also queues the best weights' final metrics (final_val_*, best_epoch).
-        finals = len([k for k in epoch_keys if k.startswith("val_")]) + 1 if command == "tune" else 0
-        assert not [k for k in epoch_keys if k.startswith("final_")]  # those were queued last: lost
-        assert got + lost == epochs * len(epoch_keys) + finals  # every value logged: on the server or counted lost
+        for c in commands:
+            wait_for(lambda c=c: "gave up on" in stderr[c].read_text(), 300, f"{c}'s callback to give up")
+        server.start(port=port, root=root)  # back in time for the runs to end, too late for their metrics
+        for command, run_id in run_ids.items():
+            err = stderr[command].read_text
+            assert procs[command].wait(timeout=300) == 1, err()[-3000:]  # the work failed; the inputs were fine
+            assert "could not reach the tracking server within 3 s (PAIRNET_TRACKING_FLUSH_S)" in err(), err()[-3000:]
+            run = client.get_run(run_id)
+            assert run.info.status == "FAILED"
+            lost = int(run.data.tags["pairnet.metrics_lost"])
+            epoch_keys = {k for k in run.data.metrics if not k.startswith("system/")}
+            got = sum(len(client.get_metric_history(run_id, key)) for key in epoch_keys)
+            assert lost > 0 and len(_history(client, run_id)) < epochs
+            # A trial's callback also queues the best weights' final metrics (final_val_*, best_epoch).
+            finals = len([k for k in epoch_keys if k.startswith("val_")]) + 1 if command == "tune" else 0
+            assert not [k for k in epoch_keys if k.startswith("final_")]  # those were queued last: lost
+            assert got + lost == epochs * len(epoch_keys) + finals  # every value: on the server or counted lost
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
         server.stop(port=port, root=root)
 
 

@@ -155,8 +155,14 @@ def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
 
 
 def test_stage3_parent_with_registered_children(mlflow_server, tiny_data):
+    from pairnet.presets import parse_members
+
+    # The recipe's eight members by default; two of them trained here (test_parallel trains more).
+    assert sorted(parse_members("")) == sorted([("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)]
+                                               + [("fpn_model", 42)] + [("improved_v2", s) for s in (42, 123, 456)])
     env = user_env(mlflow_server, "it-stage3")
-    proc = mlflow_run("stage3", {"preset": "tiny", "data_dir": tiny_data}, env)
+    proc = mlflow_run("stage3", {"preset": "tiny", "data_dir": tiny_data,
+                                 "members": "resnet_optimized_1.12:2023,improved_v2:123"}, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     runs = _runs(client, "it-stage3")
@@ -164,8 +170,7 @@ def test_stage3_parent_with_registered_children(mlflow_server, tiny_data):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     members = sorted((r.data.tags["pairnet.model"], int(r.data.tags["pairnet.seed"])) for r in children)
-    assert members == sorted([("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)] + [("fpn_model", 42)]
-                             + [("improved_v2", s) for s in (42, 123, 456)])
+    assert members == [("improved_v2", 123), ("resnet_optimized_1.12", 2023)]
     assert all(r.info.status == "FINISHED" for r in children)
     for r in children:
         name = r.data.tags["pairnet.registered_name"]
