@@ -80,11 +80,12 @@ def curves(y: np.ndarray, prob: np.ndarray, path: str | Path, title: str = "") -
     roc.plot([0, 1], [0, 1], ls=":", c="grey")
     PrecisionRecallDisplay.from_predictions(y, prob, ax=pr, name="model")
     CalibrationDisplay.from_predictions(y, prob, n_bins=10, ax=rel, name="model")
+    rel.set_xlabel("mean predicted probability"), rel.set_ylabel("fraction of label 1")
     for ax, name in ((roc, "ROC"), (pr, "precision-recall"), (rel, "reliability")):
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7, loc="lower right" if ax is not rel else "upper left")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.84, wspace=0.3)  # fixed: tight_layout draws twice
     fig.savefig(path, dpi=80)
     return Path(path)
 
@@ -101,25 +102,32 @@ def digit_pair_heatmap(errors: np.ndarray, pairs: np.ndarray, path: str | Path, 
     ax.set_xlabel("right digit"), ax.set_ylabel("left digit")
     ax.set_title(title or "error rate per digit pair", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.12, top=0.92)
     fig.savefig(path, dpi=80)
     return Path(path)
 
 
 def gallery(x: np.ndarray, y: np.ndarray, prob: np.ndarray, path: str | Path, title: str = "",
             ids: np.ndarray | None = None) -> Path:
-    """The pairs shown with their true label and P(label 1), a grid of 4 columns."""
-    n = len(x)
-    rows = max(1, -(-n // 4))
-    fig = _figure((8.0, 1.25 * rows + 0.4))
-    axes = np.atleast_1d(fig.subplots(rows, 4)).ravel()
-    for i, ax in enumerate(axes):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(x[i], cmap="gray", vmin=0, vmax=255)
-            name = f"{ids[i]} " if ids is not None else ""
-            ax.set_title(f"{name}true {int(y[i])}, p={prob[i]:.2f}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    """The pairs shown with their true label and P(label 1), a grid of 4 columns.
+
+    One image of all the pairs (a mosaic with a caption strip over each) rather than one
+    axes per pair: the same picture, drawn in a quarter of the time."""
+    n, cols = len(x), 4
+    rows = max(1, -(-n // cols))
+    h, w = x.shape[1:] if n else (28, 56)
+    cap, gap = 10, 4  # pixels: the caption strip above each pair, the gap beside it
+    mosaic = np.full((rows * (h + cap), cols * (w + gap)), 255, dtype=np.uint8)
+    fig = _figure((8.0, 8.0 * mosaic.shape[0] / mosaic.shape[1] + 0.35))
+    ax = fig.add_axes((0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top, left = r * (h + cap) + cap, c * (w + gap)
+        mosaic[top:top + h, left:left + w] = x[i]
+        name = f"{ids[i]} " if ids is not None else ""
+        ax.text(left, top - 1, f"{name}true {int(y[i])}, p={prob[i]:.2f}", fontsize=7, va="bottom")
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / fig.get_figheight(), va="top")
     fig.savefig(path, dpi=80)
     return Path(path)

@@ -26,7 +26,7 @@ from test_server import pairnet as in_folder
 from test_tune_faults import FINISHED, _finish, _running_trials, _tune
 from test_tune_faults import _runs as _tune_runs
 from pairnet.cli import main
-from pairnet.data.pairs import PairSet, load_pairs, save_pairs
+from pairnet.data.pairs import PairSet, save_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -572,35 +572,3 @@ def test_seed_controls_initial_weights_in_fresh_processes(mlflow_server, tiny_da
     # Same seed, two fresh processes: the same initial weights and identical metrics.
     assert inits[0] == inits[1] and losses[0] == losses[1] and accs[0] == accs[1]
     assert inits[2] != inits[0]  # another seed: other initial weights
-
-
-# ------------------------------------------------------------------ step keys
-@pytest.mark.slow
-def test_changed_test_file_and_deleted_version_rerun_their_steps(pipeline_runs, mlflow_server):
-    """The journey's pipeline, run a third time after a user replaced test_private.npz and
-    deleted one registered version: exactly the steps that depend on them rerun."""
-    from conftest import JOURNEY_EXPERIMENT
-
-    _, _, data = pipeline_runs
-    data = Path(data)
-    private = load_pairs(data / "test_private.npz")
-    keep = np.arange(len(private))[::-2]  # another file: half the pairs, in another order
-    save_pairs(data / "test_private.npz", PairSet(x=private.x[keep], ids=np.char.add("NEW_", private.ids[keep])))
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(JOURNEY_EXPERIMENT)
-    (scratch,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE '%/scratch'",
-                                    max_results=1)
-    tags = scratch.data.tags
-    client.delete_model_version(tags["pairnet.registered_name"], tags["pairnet.model_version"])
-
-    res = pairnet(user_env(mlflow_server, JOURNEY_EXPERIMENT), "pipeline", "--preset", "tiny", "--data-dir", data,
-                  timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    reused_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("reused "))
-    assert "stage2/resnet_optimized/seed42," in reused_line + "," and "pretrain/" in reused_line
-    for rerun in ("/scratch", "stack", "predict"):
-        assert rerun not in reused_line, reused_line
-    # The predictions match the new file, so check-submission passes for it.
-    pred = data / "predictions_private.csv"
-    assert main(["check-submission", "--data", str(data / "test_private.npz"), "--pred", str(pred)]) == 0
-    assert pred.read_text().splitlines()[1].startswith("NEW_")

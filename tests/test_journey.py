@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import JOURNEY_EXPERIMENT as EXPERIMENT
-from conftest import ROOT
+from conftest import ROOT, user_env
+from pairnet.cli import main
+from pairnet.data.pairs import PairSet, load_pairs, save_pairs
 from pairnet.tracking.lifecycle import experiment_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -140,3 +145,32 @@ def test_tune_history_chart_and_offline_plot_in_chromium(mlflow_server, tiny_dat
         assert driver.execute_script("return typeof Plotly") == "object"
     finally:
         driver.quit()
+
+
+# Last in this module: it changes the journey's data and deletes one of its versions.
+def test_changed_test_file_and_deleted_version_rerun_their_steps(pipeline_runs, mlflow_server):
+    """The journey's pipeline, run a third time after a user replaced test_private.npz and
+    deleted one registered version: exactly the steps that depend on them rerun."""
+    _, _, data = pipeline_runs
+    data = Path(data)
+    private = load_pairs(data / "test_private.npz")
+    keep = np.arange(len(private))[::-2]  # another file: half the pairs, in another order
+    save_pairs(data / "test_private.npz", PairSet(x=private.x[keep], ids=np.char.add("NEW_", private.ids[keep])))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (scratch,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name LIKE '%/scratch'",
+                                    max_results=1)
+    tags = scratch.data.tags
+    client.delete_model_version(tags["pairnet.registered_name"], tags["pairnet.model_version"])
+
+    res = subprocess.run([sys.executable, "-m", "pairnet.cli", "pipeline", "--preset", "tiny", "--data-dir", str(data)],
+                         env=user_env(mlflow_server, EXPERIMENT), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reused_line = next(ln for ln in res.stdout.splitlines() if ln.startswith("reused "))
+    assert "stage2/resnet_optimized/seed42," in reused_line + "," and "pretrain/" in reused_line
+    for rerun in ("/scratch", "stack", "predict"):
+        assert rerun not in reused_line, reused_line
+    # The predictions match the new file, so check-submission passes for it.
+    pred = data / "predictions_private.csv"
+    assert main(["check-submission", "--data", str(data / "test_private.npz"), "--pred", str(pred)]) == 0
+    assert pred.read_text().splitlines()[1].startswith("NEW_")
