@@ -142,13 +142,3 @@ def pipeline_runs(mlflow_server, tmp_path_factory):
     second = mlflow_run("pipeline", {"preset": "tiny", "data_dir": data}, env)
     assert second.returncode == 0, second.stderr[-3000:]
     return first, second, data
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject's addopts) each module's tests stay
-    on one worker, so module fixtures are made once; the modules that share the tiny tracked
-    pipeline (``pipeline_runs``, a minute to make) share one worker, so it is made once too."""
-    shared = {item.module.__name__ for item in items if "pipeline_runs" in getattr(item, "fixturenames", ())}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("pipeline" if module in shared else module))
