@@ -616,8 +616,8 @@ def _add_pipeline(sub) -> None:
                                       "train.npz and val.npz)")
     p.add_argument("--pretrain-data-dir", default="",
                    help="folder with digit labels the towers pretrain on (default: the data folder when its "
-                        "train.npz has digit labels, else the preset's default set in <project>/data/default/<size>, "
-                        "made once and shared by every data folder)")
+                        "train.npz has digit labels, else the preset's default set for such folders, made once in "
+                        "<project>/data/default/<size> and shared by every data folder; quick: the full set, 8 epochs)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)

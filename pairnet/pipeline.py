@@ -174,8 +174,9 @@ def pretrain_splits(req: PipelineRequest, preset: dict, splits):
         return load_splits(req.pretrain_data_dir, req.preset)
     if digit_labels(splits.train) is not None:
         return splits
-    folder = default_set_dir(preset["data_size"])
-    gen = GenConfig(size=preset["data_size"], seed=req.seed)
+    size = preset["default_pretrain"]["data_size"]
+    folder = default_set_dir(size)
+    gen = GenConfig(size=size, seed=req.seed)
     # Byte-identical to the default set of that size made anywhere else (same seed, same bytes),
     # so the pretrain step's key, which hashes the files, finds a tower made from it before.
     if has_pair_files(folder) and not _meta_matches(folder, gen):
@@ -218,12 +219,15 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         # stage 0: pretrained towers, then the base models started from the exact versions
         # these steps registered or reused (not whichever version holds the alias now)
         pretrained = {}
+        beside = pre_splits.data_dir != splits.data_dir  # towers trained on other data than the folder's
+        # On the default set beside a folder without digit labels, the preset's values for that.
+        extra = preset["default_pretrain"]["pretrain"] if beside and not req.pretrain_data_dir else None
         for variant in PRETRAIN[req.preset]:
             row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent,
-                               reused)[0]
+                               reused, extra)[0]
             rows.append(row)
             pretrained[variant] = f"models:/{row['name']}/{row['version']}"
-            if pre_splits.data_dir != splits.data_dir:  # the tower on the user's data, untouched
+            if beside:  # the tower on the user's data, untouched
                 rows.append(zero_shot_row(row, splits))
         trained = _train_steps([(stage, variant, seed, pretrained[init] if init else None)
                                 for stage, variant, seed, init in PLANS[req.preset]],
@@ -292,14 +296,14 @@ def _suffix(row: dict) -> str:
 
 
 def train_key(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest,
-              splits, code: str, env: dict) -> tuple:
+              splits, code: str, env: dict, overrides: dict | None = None) -> tuple:
     """A training step's config, registered name, label and key. The key holds the whole
     config (init_from's exact version included), where it runs, the files it reads, the code
     and the library versions: a change to any of them reruns the step and, through the new
     version it registers, every step started from it."""
     from pairnet.stages import registered_for
 
-    explicit = {"model_name": variant, "seed": seed}
+    explicit = {**(overrides or {}), "model_name": variant, "seed": seed}
     if init_from:
         explicit["init_from"] = init_from
         # Digit supervision wherever the data has digit labels (the default set does).
@@ -324,15 +328,16 @@ def predict_key(model_uri: str, d: Path, code: str, env: dict) -> str:
 
 
 def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, env: dict, client: MlflowClient,
-                 parent: str, reused: list) -> list[dict]:
+                 parent: str, reused: list, overrides: dict | None = None) -> list[dict]:
     """Independent training steps (stage, variant, seed, init_from): each reuses the FINISHED
-    run with its key, the others train, ``req.jobs`` at a time in worker processes."""
+    run with its key, the others train, ``req.jobs`` at a time in worker processes.
+    ``overrides``: config values on top of the preset's, for every step (and its key)."""
     from pairnet.parallel import Member, member_device, report_failures, train_members
 
     rows: list[dict | None] = []
     todo: list[tuple[int, Member, str]] = []
     for stage, variant, seed, init_from in steps:
-        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env)
+        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env, overrides)
         done = find_finished(key, client)
         if done is not None and _version_exists(done, client):
             log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)

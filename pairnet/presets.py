@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 FINETUNE = dict(lr=3e-3, tower_lr_mult=0.05, freeze_epochs=1, augment=False)
 # "train" applies to every stage; "pretrain" on top of it to the pretrain stage, and
 # "finetune" to any stage started from a registered model (init_from set).
+# "default_pretrain": the pipeline on a folder without digit labels pretrains its towers on
+# the default set of this size, with these values on top of "pretrain".
 PRESETS: dict[str, dict] = {
     "tiny": {
         "data_size": "tiny",
@@ -29,15 +31,22 @@ PRESETS: dict[str, dict] = {
                       eval_batch_size=256),
         "pretrain": {},
         "finetune": {},
+        "default_pretrain": {"data_size": "tiny", "pretrain": {}},
     },
     "quick": {
         "data_size": "quick",
         "train": dict(epochs=6, width_mult=0.5, feat_dim=128, batch_size=128, lr=2e-3, patience=3),
         "pretrain": dict(epochs=10, batch_size=64, lr=3e-3),
         "finetune": FINETUNE | dict(epochs=3, patience=0),
+        # A folder without digit labels (real pairs): the towers pretrain on the full default set,
+        # 8 epochs. On 1,000 real pairs (bench/real_bench.py, 5 folds) that tower reads
+        # 0.859 +- 0.025 zero-shot against the quick set's 0.792 +- 0.013, better on every fold,
+        # for 7.5 minutes of pretraining on 2 CPU cores instead of 1.5.
+        "default_pretrain": {"data_size": "full", "pretrain": {"epochs": 8}},
     },
     "full": {"data_size": "full", "train": {}, "pretrain": {},
-             "finetune": FINETUNE | dict(epochs=30, patience=5)},
+             "finetune": FINETUNE | dict(epochs=30, patience=5),
+             "default_pretrain": {"data_size": "full", "pretrain": {}}},
 }
 
 # Stage-specific recipe values (DESIGN.md): stage 1 trains 50 epochs with patience 5.

@@ -105,3 +105,18 @@ def test_another_data_seed_reruns_every_step(base, tmp_path):
 def test_new_code_or_library_versions_rerun_every_step(base, tiny_data):
     assert changed(base, plan(tiny_data, code="code-2", base=base)) == set(base)
     assert changed(base, plan(tiny_data, env={**ENV, "torch": "2.14.0"}, base=base)) == set(base)
+
+
+def test_a_folder_without_digits_pretrains_with_the_presets_default_pretrain_values(tiny_data):
+    """At quick, the towers for a folder without digit labels pretrain on the full default set for
+    8 epochs (bench/real_bench.py: 0.859 zero-shot on real pairs against the quick set's 0.792);
+    those values are in the pretrain step's config and key."""
+    assert PRESETS["quick"]["default_pretrain"] == {"data_size": "full", "pretrain": {"epochs": 8}}
+    req = PipelineRequest(preset="quick", data_dir=str(tiny_data), device="cpu")
+    splits = load_splits(tiny_data, "tiny")
+    plain = train_key("pretrain", "resnet_optimized", 42, None, req, splits, "code-1", ENV)
+    beside = train_key("pretrain", "resnet_optimized", 42, None, req, splits, "code-1", ENV,
+                       PRESETS["quick"]["default_pretrain"]["pretrain"])
+    assert (plain[0].epochs, beside[0].epochs) == (10, 8) and plain[3] != beside[3]
+    assert {k: v for k, v in plain[0].to_dict().items() if k != "epochs"} == {
+        k: v for k, v in beside[0].to_dict().items() if k != "epochs"}
