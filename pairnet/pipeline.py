@@ -168,12 +168,14 @@ def run_pipeline(req: PipelineRequest) -> dict:
         return _run_locked(req, preset, d)
 
 
-def pretrain_splits(req: PipelineRequest, preset: dict, splits):
-    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``)."""
+def pretrain_splits(req: PipelineRequest, preset: dict, splits) -> tuple:
+    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``) and
+    the training values pretraining adds there (the preset's ``default_pretrain`` ones, on the
+    default set beside a folder without digit labels)."""
     if req.pretrain_data_dir:
-        return load_splits(req.pretrain_data_dir, req.preset)
+        return load_splits(req.pretrain_data_dir, req.preset), {}
     if digit_labels(splits.train) is not None:
-        return splits
+        return splits, {}
     size = preset["default_pretrain"]["data_size"]
     folder = default_set_dir(size)
     gen = GenConfig(size=size, seed=req.seed)
@@ -185,7 +187,7 @@ def pretrain_splits(req: PipelineRequest, preset: dict, splits):
     ensure_dataset(folder, size=gen.size, seed=gen.seed, severity=gen.severity)
     log.info("step pretrain: %s has no digit labels; the towers pretrain on the default %s set in %s",
              splits.data_dir, gen.size, folder)
-    return load_splits(folder, req.preset)
+    return load_splits(folder, req.preset), preset["default_pretrain"]["pretrain"]
 
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
@@ -214,14 +216,12 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         else:
             _run_data_step(d, gen, parent)
         splits = load_splits(d, req.preset)
-        pre_splits = pretrain_splits(req, preset, splits)
+        pre_splits, extra = pretrain_splits(req, preset, splits)
 
         # stage 0: pretrained towers, then the base models started from the exact versions
         # these steps registered or reused (not whichever version holds the alias now)
         pretrained = {}
         beside = pre_splits.data_dir != splits.data_dir  # towers trained on other data than the folder's
-        # On the default set beside a folder without digit labels, the preset's values for that.
-        extra = preset["default_pretrain"]["pretrain"] if beside and not req.pretrain_data_dir else None
         for variant in PRETRAIN[req.preset]:
             row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent,
                                reused, extra)[0]
