@@ -226,6 +226,7 @@ def run_stack(req: StackRequest) -> dict:
             "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
             "base_models": ",".join(b.key for b in bases)[:5000],
         }, val_digest=splits["val"].digest(), evaluate=lambda uri: accuracy_on(uri, splits["val"]),
+            val_n=len(splits["val"]),
             description=f"LightGBM over {', '.join(b.key for b in bases)}; data {digest}; "
                        f"val acc = 5-fold out-of-fold accuracy on val",
             model_description="pairnet stack: a LightGBM meta-learner over registered pairnet base models; input "

@@ -449,7 +449,7 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     decision = registry.register_and_gate(name, version, best.value, trial_run, {
         "stage": "tune", "model": req.model_name, "optuna_study": study.study_name, "optuna_trial": best.number,
         "optuna_trial_run": trial_run},
-        val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val))
+        val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val), val_n=len(splits.val))
     mlflow.set_tag(names.TAG_BEST_MODEL, f"models:/{name}/{version}")
     summary.update(registered=name, version=version, promoted=decision.promoted)
     return summary

@@ -69,8 +69,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
-                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+# On the tests, not on the helper: a mark on a plain function is never read.
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
+                                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+
+
 def _chromium(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -84,6 +87,7 @@ def _chromium(tmp_path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
+@needs_chromium
 def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -113,6 +117,7 @@ def test_mlflow_ui_in_headless_chromium(pipeline_runs, mlflow_server, tmp_path):
         driver.quit()
 
 
+@needs_chromium
 def test_tune_history_chart_and_offline_plot_in_chromium(mlflow_server, tiny_data, tmp_path):
     """The study's parent run charts trial_value in the MLflow UI, and Optuna's own plot opens
     from a file with no network at all (plotly.js inside the page)."""

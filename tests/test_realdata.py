@@ -20,7 +20,7 @@ from pairnet.paths import default_set_dir
 from pairnet.pipeline import PipelineRequest, run_pipeline
 from pairnet.presets import PRESETS
 from pairnet.tracking.model import accuracy_on
-from pairnet.tracking.registry import champion_version, promote
+from pairnet.tracking.registry import champion_version, gate_margin, promote
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -140,7 +140,7 @@ def test_the_champion_gate_compares_on_the_new_versions_val_data(mlflow_server, 
     assert float(champ.tags[f"val_acc_on.{val_b.digest()}"]) == pytest.approx(on_b, abs=1e-6)
     assert float(second.tags["champion_val_acc"]) == pytest.approx(on_b, abs=1e-6)
     assert second.tags["champion_compared"] == f"v{first.version} (evaluated on this val data)"
-    promoted = float(second.tags["val_acc"]) > on_b
+    promoted = float(second.tags["val_acc"]) > on_b + gate_margin(on_b, len(val_b), 1.0)
     assert champion_version(name).version == (second.version if promoted else first.version)
     decision = client.get_run(second.run_id).data.tags["pairnet.champion_decision"]
     assert decision == ("promoted" if promoted else "kept")

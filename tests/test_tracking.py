@@ -119,7 +119,7 @@ def test_mlflow_run_explicit_value_wins_over_the_preset(mlflow_server, tiny_data
 
 def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
     from pairnet.cli import main
-    from pairnet.tracking.registry import champion_gate, champion_version
+    from pairnet.tracking.registry import champion_gate, champion_version, gate_margin
 
     # Another test may already have registered (and crowned) a compare_cnn version.
     before = champion_version("pairnet-compare_cnn")
@@ -134,19 +134,27 @@ def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
     versions = sorted(int(v.version) for v in client.search_model_versions("name='pairnet-compare_cnn'"))
     assert versions[-2:] == [versions[-2], versions[-2] + 1]
     champ = champion_version("pairnet-compare_cnn")
-    second = client.get_model_version("pairnet-compare_cnn", str(versions[-1]))
     first = client.get_model_version("pairnet-compare_cnn", str(versions[-2]))
-    # The gate, replayed: each new version takes the alias only by beating the champion's val acc.
-    best = before
+    second = client.get_model_version("pairnet-compare_cnn", str(versions[-1]))
+    # The gate, replayed from the figures it recorded: a version takes the alias only by beating
+    # the champion it was compared with by more than one standard error of that val set.
+    expected = before.version if before is not None else None
     for mv in (first, second):
-        if best is None or float(mv.tags["val_acc"]) > float(best.tags["val_acc"]):
-            best = mv
-    assert champ.version == best.version
-    run = client.get_run(second.run_id)
-    assert run.data.tags["pairnet.champion_decision"] in ("promoted", "kept")
-    # The gate keeps a champion that is better than a newcomer.
-    decision = champion_gate("pairnet-compare_cnn", first.version, -1.0)
+        decision = client.get_run(mv.run_id).data.tags["pairnet.champion_decision"]
+        if "champion_val_acc" in mv.tags:
+            old = float(mv.tags["champion_val_acc"])
+            wins = float(mv.tags["val_acc"]) > old + gate_margin(old, int(mv.tags["val_n"]), 1.0)
+            assert mv.tags["champion_compared"].startswith(f"v{expected} ")
+        else:
+            wins = expected is None
+        assert decision == ("promoted" if wins else "kept") and mv.tags["gate_reason"]
+        expected = mv.version if wins else expected
+    assert champ.version == expected
+    # The gate keeps a champion that is better than a newcomer, which becomes the challenger.
+    loser = first if first.version != champ.version else second
+    decision = champion_gate("pairnet-compare_cnn", loser.version, -1.0)
     assert not decision.promoted and champion_version("pairnet-compare_cnn").version == champ.version
+    assert client.get_model_version_by_alias("pairnet-compare_cnn", "challenger").version == loser.version
     # Manual promotion through the CLI, and a clear error for a missing version.
     assert main(["promote", "pairnet-compare_cnn", str(versions[-2])]) == 0
     assert champion_version("pairnet-compare_cnn").version == str(versions[-2])

@@ -1,18 +1,27 @@
 """Model registry: ``pairnet-<variant>`` names, val metrics as version tags, and the
-``champion`` alias moved only when a new version beats the champion's val accuracy measured
-on the same val data (a champion judged on other data is evaluated on the new one first)."""
+``champion`` alias moved only when a new version beats the champion's val accuracy, measured
+on the same val data (a champion judged on other data is evaluated on the new one first), by
+more than that val set's noise (one standard error by default); a version that does not
+takes the ``challenger`` alias."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import math
+import os
 import re
 from dataclasses import dataclass
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pairnet import names
 from pairnet.errors import PairnetError
+from pairnet.fsutil import LOCK_SUFFIX, file_lock
+from pairnet.paths import state_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +53,55 @@ class GateDecision:
     champion_val_acc: float | None
     champion_version: str | None
     measured: str = "recorded"  # how champion_val_acc was had: recorded on the version, or evaluated now
+    margin: float = 0.0  # the gain over the champion's figure that a promotion needed
+    reason: str = ""  # the decision in words, also tagged on the version (``gate_reason``)
+
+
+CHALLENGER = "challenger"  # the alias of the newest version that did not beat the champion
+GATE_REASON = "gate_reason"
+VAL_N = "val_n"  # how many val pairs val_acc was measured on
+MARGIN_SE_ENV = "PAIRNET_GATE_MARGIN_SE"
+DEFAULT_MARGIN_SE = 1.0
+LOCK_WAIT_S = 300.0
+
+
+def margin_se() -> float:
+    """Standard errors a newcomer must win by: ``PAIRNET_GATE_MARGIN_SE``, else 1."""
+    text = os.environ.get(MARGIN_SE_ENV, "").strip()
+    if not text:
+        return DEFAULT_MARGIN_SE
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise PairnetError(f"{MARGIN_SE_ENV}={text!r} must be a number of standard errors >= 0 (default 1)")
+    return value
+
+
+def gate_margin(champion_acc: float, val_n: int | None, se: float) -> float:
+    """``se`` standard errors of an accuracy near ``champion_acc`` measured on ``val_n`` pairs: the
+    noise of that val set (binomial, sqrt(p(1-p)/n)); 0 when the size is unknown."""
+    if not val_n or champion_acc != champion_acc:
+        return 0.0
+    p = min(max(champion_acc, 0.0), 1.0)
+    return se * math.sqrt(p * (1.0 - p) / val_n)
+
+
+def gate_lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """One gate at a time per registered name and tracking store (read alias, compare, set alias),
+    for every process on this machine: a lock file in pairnet's state folder."""
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{name}".encode()).hexdigest()[:16]
+    return file_lock(state_dir() / "locks" / f"gate-{key}{LOCK_SUFFIX}", wait_s=LOCK_WAIT_S, note=f"gate {name}",
+                     busy=f"registered model '{name}' has been gated by another process for {LOCK_WAIT_S:.0f} s; "
+                          "try again when it is done")
 
 
 def champion_figure(current, val_digest: str, evaluate, metric: str, client: MlflowClient) -> tuple[float, str]:
     """The champion's accuracy on the val data with ``val_digest``: its own recorded figure when it
     was measured on that data, a figure an earlier gate measured there, or evaluated now with
     ``evaluate(models:/name/version)`` and recorded on the champion (``val_acc_on.<digest>``).
-    NaN when none can be had (no digest and no evaluator)."""
+    NaN when none can be had (the champion cannot be loaded, or carries no figure)."""
     tags = current.tags or {}
     if val_digest and tags.get(VAL_DIGEST) == val_digest:
         return _float(tags.get(metric)), "recorded"
@@ -63,7 +114,7 @@ def champion_figure(current, val_digest: str, evaluate, metric: str, client: Mlf
     try:
         acc = float(evaluate(uri))
     except (PairnetError, MlflowException, OSError) as err:
-        log.warning("champion %s could not be evaluated on the new val data (%s); the new version is promoted",
+        log.warning("champion %s could not be evaluated on the new val data (%s); it stays champion",
                     uri, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return float("nan"), "unloadable"
     client.set_model_version_tag(current.name, current.version, ON_VAL + val_digest, f"{acc:.6f}")
@@ -78,47 +129,65 @@ def _float(text) -> float:
 
 
 def champion_gate(name: str, version: str, val_acc: float, metric: str = "val_acc",
-                  client: MlflowClient | None = None, *, val_digest: str = "", evaluate=None) -> GateDecision:
-    """Point ``champion`` at ``version`` iff it beats the current champion (or none exists),
-    both measured on the same val data (``val_digest``): a champion judged on other data is
-    first evaluated on this one with ``evaluate``, a callable ``models:/name/version -> accuracy``."""
+                  client: MlflowClient | None = None, *, val_digest: str = "", evaluate=None,
+                  val_n: int | None = None, se: float | None = None) -> GateDecision:
+    """Point ``champion`` at ``version`` iff it beats the current champion by more than the noise
+    of the val set (``se`` standard errors on ``val_n`` pairs, see ``gate_margin``), both measured
+    on the same val data (``val_digest``): a champion judged on other data is first evaluated on
+    this one with ``evaluate``, a callable ``models:/name/version -> accuracy``. A figure that
+    cannot be had (NaN, either side) never promotes. A version that loses takes ``challenger``.
+    The whole read-compare-set holds ``gate_lock(name)``."""
     client = client or MlflowClient()
-    current = champion_version(name, client)
-    old_acc, measured = None, "none"
-    if current is not None and str(current.version) != str(version):
-        old_acc, measured = champion_figure(current, val_digest, evaluate, metric, client)
-    promoted = current is None or old_acc is None or not (old_acc == old_acc) or val_acc > old_acc
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    se = margin_se() if se is None else se
+    with gate_lock(name):
+        current = champion_version(name, client)
+        old_acc, measured, margin = None, "none", 0.0
+        if not val_acc == val_acc:
+            promoted, reason = False, "its own val figure could not be had"
+        elif current is None:
+            promoted, reason = True, "no champion yet"
+        elif str(current.version) == str(version):
+            promoted, reason = True, "already champion"
+        else:
+            old_acc, measured = champion_figure(current, val_digest, evaluate, metric, client)
+            margin = gate_margin(old_acc, val_n, se)
+            if not old_acc == old_acc:
+                promoted = False
+                reason = f"champion v{current.version}'s figure could not be had ({measured}); it stays champion"
+            else:
+                promoted = val_acc > old_acc + margin
+                reason = (f"{val_acc:.4f} {'>' if promoted else '<='} champion v{current.version} {old_acc:.4f} "
+                          f"({measured}) + margin {margin:.4f} ({se:g} SE on {val_n or '?'} pairs)")
+        client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version)
     decision = GateDecision(name, str(version), promoted, val_acc, old_acc,
-                            current.version if current is not None else None, measured)
-    log.info("%s v%s: val acc %.4f vs champion %s (%s) → %s", name, version, val_acc,
-             "none" if old_acc is None else f"v{current.version} {old_acc:.4f}", measured,
-             "promoted" if promoted else "kept")
+                            current.version if current is not None else None, measured, margin, reason)
+    log.info("%s v%s: %s → %s", name, version, reason, "promoted" if promoted else "kept the champion")
     return decision
 
 
 def register_and_gate(name: str, version: str, val_acc: float, run_id: str, tags: dict,
                       client: MlflowClient | None = None, *, description: str = "",
-                      model_description: str = "", val_digest: str = "", evaluate=None) -> GateDecision:
+                      model_description: str = "", val_digest: str = "", evaluate=None,
+                      val_n: int | None = None) -> GateDecision:
     """The one path after a version is registered: tag it (``val_acc``, ``val_digest`` — the val
     data it was measured on —, ``run_id`` — the run that made the model — and ``tags``), move
     ``champion`` only if it beats the champion on the same val data (see ``champion_gate``), and
     record the comparison on the version (``champion_val_acc``, ``champion_compared``) and the
     decision on the active run (tags ``pairnet.champion_decision``/``pairnet.model_version``,
     metrics ``champion_promoted`` and ``champion_val_acc_before``)."""
-    import mlflow
-
     client = client or MlflowClient()
     tag_version(name, version, {"val_acc": f"{val_acc:.6f}", "run_id": run_id,
-                                **({VAL_DIGEST: val_digest} if val_digest else {}), **tags}, client)
+                                **({VAL_DIGEST: val_digest} if val_digest else {}),
+                                **({VAL_N: str(val_n)} if val_n else {}), **tags}, client)
     # Descriptions the registry UI shows: what the model is (set once, a user's edit is kept)
     # and what this version is.
     if description:
         client.update_model_version(name, str(version), description=f"{description}; val acc {val_acc:.4f}")
     if model_description and not client.get_registered_model(name).description:
         client.update_registered_model(name, description=model_description)
-    decision = champion_gate(name, version, val_acc, client=client, val_digest=val_digest, evaluate=evaluate)
+    decision = champion_gate(name, version, val_acc, client=client, val_digest=val_digest, evaluate=evaluate,
+                             val_n=val_n)
+    tag_version(name, version, {GATE_REASON: decision.reason[:5000]}, client)
     if decision.champion_version is not None and decision.champion_val_acc is not None:
         tag_version(name, version, {CHAMPION_VAL_ACC: f"{decision.champion_val_acc:.6f}",
                                     CHAMPION_COMPARED: f"v{decision.champion_version} ({decision.measured})"}, client)

@@ -134,7 +134,7 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
         **({PRESET_TAG: preset} if preset else {}),
         **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
-    }, val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val),
+    }, val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val), val_n=len(splits.val),
         description=(f"{stage} {cfg.model_name} seed {cfg.seed}, trained on data {splits.digest()}"
                     + (f" from {init_uri}" if init_uri else "") + f" (run {run_id})"),
         model_description=(f"pairnet {cfg.model_name}: a siamese CNN saying whether the left digit of a pair is "

@@ -1,0 +1,112 @@
+"""The champion gate against a real registry: versions registered by hand with the figures
+their tags carry, so every decision is known before the gate makes it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pairnet.errors import PairnetError
+from pairnet.tracking import registry
+
+pytestmark = [pytest.mark.integration]
+
+
+def _versions(name: str, figures: list[tuple[float, str]]) -> list[str]:
+    """Register one version per (val_acc, val_digest) under ``name``, tagged as a stage would."""
+    client = MlflowClient()
+    client.create_registered_model(name)
+    mlflow.set_experiment("it-gate-unit")
+    out = []
+    for acc, digest in figures:
+        with mlflow.start_run() as run:
+            mlflow.log_text("weights", "model/placeholder.txt")
+        mv = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+        registry.tag_version(name, mv.version, {"val_acc": f"{acc:.6f}", registry.VAL_DIGEST: digest}, client)
+        out.append(str(mv.version))
+    return out
+
+
+def _alias(name: str, alias: str) -> str | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias).version
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def test_a_champion_that_cannot_be_evaluated_stays_champion(mlflow_server):
+    name = "pairnet-gate-nan"
+    v1, v2 = _versions(name, [(0.70, "A"), (0.99, "B")])
+    registry.promote(name, v1)
+
+    def broken(uri):
+        raise PairnetError(f"{uri}: the server hiccuped")
+
+    d = registry.champion_gate(name, v2, 0.99, val_digest="B", evaluate=broken, val_n=1000)
+    assert not d.promoted and d.measured == "unloadable" and "could not be had" in d.reason
+    assert _alias(name, "champion") == v1 and _alias(name, "challenger") == v2
+    # A newcomer whose own figure is NaN never takes the alias either.
+    assert not registry.champion_gate(name, v2, float("nan"), val_digest="A", val_n=1000).promoted
+    assert _alias(name, "champion") == v1
+
+
+def test_a_gain_inside_one_standard_error_keeps_the_champion(mlflow_server, monkeypatch):
+    name = "pairnet-gate-margin"
+    v1, v2, v3 = _versions(name, [(0.80, "A"), (0.81, "A"), (0.83, "A")])
+    registry.promote(name, v1)
+    se = (0.8 * 0.2 / 1000) ** 0.5  # 0.0126 on 1,000 pairs
+    assert registry.gate_margin(0.80, 1000, 1.0) == pytest.approx(se)
+    d = registry.champion_gate(name, v2, 0.81, val_digest="A", val_n=1000)
+    assert not d.promoted and d.margin == pytest.approx(se) and d.champion_val_acc == pytest.approx(0.80)
+    assert _alias(name, "champion") == v1 and _alias(name, "challenger") == v2
+    d = registry.champion_gate(name, v3, 0.83, val_digest="A", val_n=1000)  # 3 points: 2.4 SE
+    assert d.promoted and _alias(name, "champion") == v3
+    # The margin is the user's to set: 0 standard errors promotes any strict gain.
+    monkeypatch.setenv(registry.MARGIN_SE_ENV, "0")
+    registry.promote(name, v1)
+    assert registry.champion_gate(name, v2, 0.81, val_digest="A", val_n=1000).promoted
+    monkeypatch.setenv(registry.MARGIN_SE_ENV, "lots")
+    with pytest.raises(PairnetError, match="PAIRNET_GATE_MARGIN_SE='lots' must be a number"):
+        registry.champion_gate(name, v3, 0.83, val_digest="A", val_n=1000)
+
+
+GATE_ONE = textwrap.dedent("""
+    import sys, time
+    from pairnet.tracking import registry
+    name, version, acc, start = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    time.sleep(max(0.0, start - time.time()))  # both gates start together, whatever their imports took
+    # The champion was judged on other val data: the gate evaluates it here, slowly, so that two
+    # gates without a lock would both read the old champion before either moves the alias, and the
+    # weaker newcomer's gate (slower still) would move it last.
+    figures = {"models:/%s/1" % name: 0.60}
+    def slow(uri):
+        time.sleep(2.0 if acc > 0.8 else 4.0)
+        return figures[uri]
+    print(registry.champion_gate(name, version, acc, val_digest="B", evaluate=slow, val_n=1000).promoted)
+""")
+
+
+def test_two_processes_gating_one_name_leave_one_consistent_champion(mlflow_server):
+    name = "pairnet-gate-race"
+    v1, v2, v3 = _versions(name, [(0.60, "A"), (0.90, "B"), (0.75, "B")])
+    assert v1 == "1"
+    registry.promote(name, v1)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    start = time.time() + 15
+    procs = [subprocess.Popen([sys.executable, "-c", GATE_ONE, name, v, str(acc), str(start)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for v, acc in ((v2, 0.90), (v3, 0.75))]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    # Whichever gated first, the best version ends champion: 0.90 beats both 0.60 and 0.75 by
+    # more than a standard error, and 0.75 never beats 0.90.
+    assert _alias(name, "champion") == v2
+    promoted = {v: out.strip().splitlines()[-1] for v, (out, _) in zip((v2, v3), outs, strict=True)}
+    assert promoted[v2] == "True"
