@@ -2,7 +2,7 @@
 
 import sys
 
-from pairnet.cli import main
+from pairnet.cli import main, param_flags
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    sys.exit(main(["pipeline", *param_flags(sys.argv[1:], "--plan")]))

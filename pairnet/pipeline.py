@@ -15,16 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.tracking import MlflowClient
 
-from pairnet import names
-from pairnet.data.generate import (FILES, GENERATOR_VERSION, LABELS_CSV, GenConfig, check_may_fill, ensure_dataset,
-                                   has_pair_files, make_dataset)
+from pairnet import names, plan
+from pairnet.data.generate import (FILES, GENERATOR_VERSION, LABELS_CSV, SIZES, GenConfig, check_may_fill,
+                                   ensure_dataset, has_pair_files, make_dataset)
+from pairnet.errors import PairnetError
 from pairnet.fsutil import folder_lock
 from pairnet.paths import PACKAGE_DIR, default_set_dir
 from pairnet.presets import build_config, check_preset
@@ -33,6 +35,9 @@ from pairnet.tracking.lifecycle import experiment_url, log_config_file, tracked_
 from pairnet.tracking.model import accuracies_on
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
 from pairnet.data.splits import check_data_dir, load_splits, preset_data_dir
+from pairnet.stages import registered_for
+from pairnet.tracking.checkpoints import ARTIFACT_DIR
+from pairnet.tracking.server import tracking_uri
 from pairnet.tracking.session import setup_tracking
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,8 @@ PLANS = {
 }
 
 
+PRETRAIN_MODES = ("default", "none")
+
 # Fine-tuned steps keep the digit loss when the training file has digit labels.
 FINETUNE_DIGIT_WEIGHT = 1.0
 
@@ -86,6 +93,10 @@ class PipelineRequest:
     # pairnet's own (paths.default_set_dir), made once and shared by every data folder.
     pretrain_data_dir: str | None = None
     config_text: str = ""  # the --config file as given, logged as the pipeline run's config.yaml
+    # default: towers pretrained on pairnet's default set (outside data: MNIST scans); none: no
+    # tower, every model from scratch on the folder's own labels (a course that forbids outside data)
+    pretrain: str = "default"
+    plan: bool = False  # print the steps and their estimates; train and write nothing
 
 
 def code_version() -> str:
@@ -158,125 +169,365 @@ def run_pipeline(req: PipelineRequest) -> dict:
 
     preset = check_preset(req.preset)
     check_jobs(req.jobs)
+    if req.pretrain not in PRETRAIN_MODES:
+        raise PairnetError(f"pretrain must be one of {', '.join(PRETRAIN_MODES)} (got {req.pretrain!r}): default "
+                           "pretrains the towers on pairnet's default set, none trains every model from scratch on "
+                           "your folder's labels alone")
     d = preset_data_dir(check_data_dir(req.data_dir), req.preset)
     if not has_pair_files(d):
         check_may_fill(d)  # a mistyped folder fails before anything starts
     if req.pretrain_data_dir:
+        if req.pretrain == "none":
+            raise PairnetError("pretrain=none trains no tower: drop pretrain_data_dir, or use pretrain=default")
         check_data_dir(req.pretrain_data_dir)
     pick_device(req.device)  # an unusable device fails before anything starts
+    if req.plan:
+        return _plan_only(req, preset, d)
     with folder_lock(d, f"run the {req.preset} pipeline"):
         return _run_locked(req, preset, d)
 
 
-def pretrain_splits(req: PipelineRequest, preset: dict, splits) -> tuple:
-    """The splits the pretrained towers train on (see ``PipelineRequest.pretrain_data_dir``) and
-    the training values pretraining adds there (the preset's ``default_pretrain`` ones, on the
-    default set beside a folder without digit labels)."""
+@dataclass
+class Recipe:
+    """What the pipeline trains for a request and a folder, decided before anything runs."""
+
+    towers: tuple[str, ...]  # variants pretrained (none with pretrain=none)
+    models: list[tuple]  # base models: (stage, variant, seed, tower variant or None)
+    twin: tuple | None  # the from-scratch twin of a fine-tuned model: a ladder row, not stacked
+    tower_dir: Path | None  # the folder the towers pretrain on
+    tower_set: GenConfig | None  # the default set made there when absent (None: the folder is given)
+    tower_values: dict  # training values pretraining adds there
+    beside: bool  # the towers learn on other data than the folder's: they get zero-shot rows and are stacked
+
+
+def decide(req: PipelineRequest, preset: dict, d: Path) -> Recipe:
+    """The recipe for this request: the preset's plan; where its towers pretrain (see
+    ``PipelineRequest.pretrain_data_dir``); with ``pretrain=none`` no tower, every model from
+    scratch on the folder's own labels, and no twin (it would be the first model again)."""
+    plan = PLANS[req.preset]
+    if req.pretrain == "none":
+        return Recipe((), [(stage, v, seed, None) for stage, v, seed, _ in plan[:-1]], None, None, None, {}, False)
     if req.pretrain_data_dir:
-        return load_splits(req.pretrain_data_dir, req.preset), {}
-    if digit_labels(splits.train) is not None:
+        folder, gen, values = Path(req.pretrain_data_dir), None, {}
+    elif not has_pair_files(d) or has_digit_labels(d):  # the default set (made in d if absent) or like it
+        folder, gen, values = d, None, {}
+    else:
+        size = preset["default_pretrain"]["data_size"]
+        # Byte-identical to the default set of that size made anywhere else (same seed, same bytes),
+        # so the pretrain step's key, which hashes the files, finds a tower made from it before.
+        folder, gen, values = default_set_dir(size), GenConfig(size=size, seed=req.seed), \
+            preset["default_pretrain"]["pretrain"]
+    return Recipe(PRETRAIN[req.preset], plan[:-1], plan[-1], folder, gen, values,
+                  beside=folder.resolve() != d.resolve())
+
+
+def has_digit_labels(d: Path) -> bool:
+    """The folder's training file carries each half's digit (read from the file's index, not its arrays)."""
+    with np.load(d / FILES["train"], allow_pickle=False) as z:
+        return {"digit_a", "digit_b"} <= set(z.files)
+
+
+def pretrain_splits(req: PipelineRequest, preset: dict, splits) -> tuple:
+    """The splits the pretrained towers train on (see ``decide``) and the training values
+    pretraining adds there; the default set is made there first when the recipe asks for one."""
+    recipe = decide(req, preset, Path(splits.data_dir))
+    if recipe.tower_dir is None:
+        raise PairnetError("pretrain=none trains no tower")
+    if not recipe.beside:
         return splits, {}
-    size = preset["default_pretrain"]["data_size"]
-    folder = default_set_dir(size)
-    gen = GenConfig(size=size, seed=req.seed)
-    # Byte-identical to the default set of that size made anywhere else (same seed, same bytes),
-    # so the pretrain step's key, which hashes the files, finds a tower made from it before.
-    if has_pair_files(folder) and not _meta_matches(folder, gen):
-        log.warning("%s holds an older default set: making the %s set again", folder, gen.size)
-        make_dataset(folder, gen, force=True)
-    ensure_dataset(folder, size=gen.size, seed=gen.seed, severity=gen.severity)
-    log.info("step pretrain: %s has no digit labels; the towers pretrain on the default %s set in %s",
-             splits.data_dir, gen.size, folder)
-    return load_splits(folder, req.preset), preset["default_pretrain"]["pretrain"]
+    gen = recipe.tower_set
+    if gen is not None:
+        folder = recipe.tower_dir
+        if has_pair_files(folder) and not _meta_matches(folder, gen):
+            log.warning("%s holds an older default set: making the %s set again", folder, gen.size)
+            make_dataset(folder, gen, force=True)
+        ensure_dataset(folder, size=gen.size, seed=gen.seed, severity=gen.severity)
+        log.info("step pretrain: %s has no digit labels; the towers pretrain on the default %s set in %s",
+                 splits.data_dir, gen.size, folder)
+    return load_splits(recipe.tower_dir, req.preset), recipe.tower_values
+
+
+def _plan_only(req: PipelineRequest, preset: dict, d: Path) -> dict:
+    """``--plan``: the steps and their estimates; reads the tracking store to tell reuse, trains
+    and writes nothing (no run, no experiment, no data)."""
+    try:
+        mlflow.set_tracking_uri(tracking_uri(start_local=False))
+        client = MlflowClient()
+    except PairnetError as err:
+        log.warning("%s; the plan cannot tell reused steps, so it counts every step", err)
+        client = None
+    recipe = decide(req, preset, d)
+    steps = plan_steps(req, preset, d, recipe, client, code_version(), environment())
+    return {"plan": steps, "text": plan.render(steps, _plan_header(req, d, recipe)), "eta_seconds": plan.total(steps)}
+
+
+def _plan_header(req: PipelineRequest, d: Path, recipe: Recipe) -> str:
+    import torch
+
+    towers = ("no tower: every model from scratch on the folder's labels (pretrain=none)" if not recipe.towers
+              else f"towers pretrained on {recipe.tower_dir}")
+    return (f"pipeline plan: preset {req.preset} on {d}; {towers}; device {pick_device(req.device)}, "
+            f"{torch.get_num_threads()} threads; estimates from this machine's measured throughput")
+
+
+def _sizes(folder: Path | None, size: str) -> dict[str, int]:
+    """Pairs per split: the files' when they exist, else the default set's of ``size``."""
+    if folder is not None and has_pair_files(folder):
+        out = {}
+        for split, name in FILES.items():
+            if (folder / name).exists():
+                with np.load(folder / name, allow_pickle=False) as z:
+                    out[split] = int(z["x"].shape[0]) if "x" in z.files else 0
+            else:
+                out[split] = 0
+        return out
+    return dict(SIZES[size])
+
+
+def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, client: MlflowClient | None,
+               code: str, env: dict) -> list[plan.Step]:
+    """Every step of the run, in order, with its size, whether a finished run of it can be
+    reused (from the tracking store, by step key) and its time on this machine."""
+    dev = pick_device(req.device)
+    steps: list[plan.Step] = []
+    gen = GenConfig(size=preset["data_size"], seed=req.seed)
+    sizes = _sizes(d, gen.size)
+    if not has_pair_files(d):
+        steps.append(plan.Step("data", "data", f"make the default {gen.size} set in {d}", sum(sizes.values()),
+                               seconds=sum(sizes.values()) * plan.make_pair_seconds()))
+    splits = load_splits(d, req.preset) if has_pair_files(d) else None
+    versions: dict[str, str | None] = {}  # tower variant -> the version reused (None: made by this run)
+    if recipe.towers:
+        tower_sizes = _sizes(recipe.tower_dir, recipe.tower_set.size if recipe.tower_set else gen.size)
+        if recipe.tower_set is not None and not has_pair_files(recipe.tower_dir):
+            n = sum(tower_sizes.values())
+            steps.append(plan.Step(f"data {recipe.tower_set.size} default set", "data",
+                                   f"make the default {recipe.tower_set.size} set in {recipe.tower_dir} (once)", n,
+                                   seconds=n * plan.make_pair_seconds()))
+        if not recipe.beside:
+            pre = splits
+        else:  # a tower folder without pair files yet: the tower will be new
+            pre = load_splits(recipe.tower_dir, req.preset) if has_pair_files(recipe.tower_dir) else None
+        for variant in recipe.towers:
+            step, version = _train_plan(("pretrain", variant, 42, None), req, pre, tower_sizes, code, env, client,
+                                        dev, recipe.tower_values, what=f"tower {variant}: digit + pair losses on "
+                                                                       f"{recipe.tower_dir}")
+            steps.append(step)
+            versions[variant] = version
+            if recipe.beside:
+                speed = plan.measure(build_config("pretrain", req.preset, {"model_name": variant}), dev)
+                n = sizes["val"] + sizes.get("public", 0)
+                steps.append(plan.Step(f"zero-shot/{variant}", "zero_shot", "the tower as it is, scored on your "
+                                       "val and test_public", n, seconds=plan.LOAD_S + n * speed.pair_s))
+    rows = [*recipe.models, *([recipe.twin] if recipe.twin else [])]
+    bases: list[str | None] = []
+    for stage, variant, seed, init in rows:
+        init_uri = None
+        if init:
+            init_uri = f"models:/{registered_for('pretrain', init)}/{versions.get(init) or 'new'}"
+        step, version = _train_plan((stage, variant, seed, init_uri), req, splits, sizes, code, env,
+                                    client if not init or versions.get(init) else None, dev, None,
+                                    what=("fine-tune the tower" if init else "from scratch")
+                                    + " on your train, judged on your val")
+        steps.append(step)
+        bases.append(version)
+    n_bases = len(recipe.models) + (len(recipe.towers) if recipe.beside else 0)
+    scored = sizes["val"] + sizes.get("public", 0) + sizes.get("private", 0)
+    stack_reused = False
+    uris = _base_uris(recipe, bases[:len(recipe.models)], versions)
+    if client is not None and uris is not None:  # every base reused: the stack's key is known now
+        done = find_finished(stack_key(uris, d, code, env), client)
+        stack_reused = done is not None and _version_exists(done, client, registry.stack_name())
+    # Scoring speed of a base model (the stack and predictions score every base on their pairs).
+    pair_s = 0.0 if stack_reused else \
+        plan.measure(build_config("stage2", req.preset, {"model_name": recipe.models[0][1]}), dev).pair_s
+    steps.append(plan.Step("stack", "stack", f"LightGBM over {n_bases} base models, 5-fold CV on val", scored,
+                           reused=stack_reused,
+                           seconds=n_bases * (plan.LOAD_S + scored * pair_s) + plan.STEP_OVERHEAD_S))
+    steps.append(plan.Step("predict", "predict", "predictions_private.csv from the model that ships",
+                           sizes.get("private", 0), reused=None if stack_reused else False,
+                           seconds=n_bases * (plan.LOAD_S + sizes.get("private", 0) * pair_s)))
+    return steps
+
+
+def _base_uris(recipe: Recipe, models: list[str | None], towers: dict[str, str | None]) -> str | None:
+    """The stack's base models, in the run's order: the base models, then the towers used beside
+    the folder (their zero-shot rows); None while a version is not known yet."""
+    pairs = [(registered_for(st, v, s if st == "stage3" else None), version)
+             for (st, v, s, _), version in zip(recipe.models, models, strict=True)]
+    if recipe.beside:
+        pairs += [(registered_for("pretrain", v), towers.get(v)) for v in recipe.towers]
+    if not all(version for _, version in pairs):
+        return None
+    return ",".join(f"models:/{name}/{version}" for name, version in pairs)
+
+
+def _train_plan(step: tuple, req: PipelineRequest, splits, sizes: dict, code: str, env: dict,
+                client: MlflowClient | None, dev, overrides: dict | None, what: str) -> tuple[plan.Step, str | None]:
+    """A training step as the plan shows it, and the version a reusable finished run of it
+    registered (None when it will train). Without ``splits`` (data not made yet) it trains on
+    the default set, which carries digit labels."""
+    stage, variant, seed, init_uri = step
+    digits = splits is None or digit_labels(splits.train) is not None
+    cfg, _, label = step_config(stage, variant, seed, init_uri, req.preset, digits, overrides)
+    version = None
+    if client is not None and splits is not None:
+        key = train_key(stage, variant, seed, init_uri, req, splits, code, env, overrides)[3]
+        done = find_finished(key, client)
+        if done is not None and _version_exists(done, client):
+            version = done.data.tags[names.TAG_MODEL_VERSION]
+    seconds = 0.0 if version else plan.train_seconds(cfg, sizes["train"], sizes["val"], sizes.get("public", 0),
+                                                     plan.measure(cfg, dev))
+    return plan.Step(label, "pretrain" if stage == "pretrain" else "train", what, sizes["train"], cfg.epochs,
+                     reused=version is not None, seconds=seconds), version
+
+
+class Eta:
+    """Each step's estimate and what is left in all, logged as the run reaches the step."""
+
+    def __init__(self, steps: list[plan.Step]):
+        self.steps = {s.label: s for s in steps}
+        self.left = [s.label for s in steps]
+
+    def start(self, *labels: str) -> None:
+        now = [self.steps[label] for label in labels if label in self.left]
+        if not now:
+            return
+        self.left = [label for label in self.left if label not in labels]
+        took, rest = sum(s.cost for s in now), sum(self.steps[label].cost for label in self.left)
+        log.info("step %d/%d %s: about %s; about %s left after it (done about %s)",
+                 len(self.steps) - len(self.left), len(self.steps), " + ".join(s.label for s in now),
+                 plan.clock(took), plan.clock(rest), time.strftime("%H:%M", time.localtime(time.time() + took + rest)))
 
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
     from pairnet.stack import StackRequest, run_stack
-    uri = setup_tracking()
+    uri = setup_tracking(d)
     client = MlflowClient()
     code = code_version()
     env = environment()
+    recipe = decide(req, preset, d)
+    steps = plan_steps(req, preset, d, recipe, client, code, env)
+    eta = Eta(steps)
     reused, rows = [], []
+    outside = "none" if req.pretrain == "none" else f"default set ({recipe.tower_dir})" if recipe.beside else ""
     with tracked_run(f"pipeline/{req.preset}", {names.TAG_STAGE: "pipeline", names.TAG_PRESET: req.preset,
-                                                "pairnet.code_version": code},
+                                                "pairnet.code_version": code,
+                                                **({names.TAG_OUTSIDE_DATA: outside} if outside else {})},
                      description=f"the whole recipe at preset {req.preset}: data, pretrain, stages 2-3, stack, "
                                  "predictions; finished steps are reused") as run:
         parent = run.run_id
+        mlflow.set_tag(names.TAG_NAMESPACE, registry.namespace())
         mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code,
-                           "pipeline.pretrain_data_dir": req.pretrain_data_dir or ""})
+                           "pipeline.pretrain_data_dir": req.pretrain_data_dir or "",
+                           "pipeline.pretrain": req.pretrain})
         log_config_file(req.config_text)
+        text = plan.render(steps, _plan_header(req, d, recipe))
+        log.info("%s", text)
+        mlflow.log_text(text + "\n", "plan.txt")
+        mlflow.log_metric("eta_seconds", plan.total(steps))
         # data
         gen = GenConfig(size=preset["data_size"], seed=req.seed)
-        meta_ok = has_pair_files(d) and _meta_matches(d, gen)
-        if meta_ok:
+        if has_pair_files(d) and _meta_matches(d, gen):
             log.info("step data: reused the %s dataset in %s", gen.size, d)
             reused.append("data")
         elif has_pair_files(d):
             log.info("step data: your pair files in %s (not the default set) are used as they are", d)
         else:
+            eta.start("data")
             _run_data_step(d, gen, parent)
         splits = load_splits(d, req.preset)
-        pre_splits, extra = pretrain_splits(req, preset, splits)
 
         # stage 0: pretrained towers, then the base models started from the exact versions
         # these steps registered or reused (not whichever version holds the alias now)
         pretrained = {}
-        beside = pre_splits.data_dir != splits.data_dir  # towers trained on other data than the folder's
-        for variant in PRETRAIN[req.preset]:
-            row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent,
-                               reused, extra)[0]
-            rows.append(row)
-            pretrained[variant] = f"models:/{row['name']}/{row['version']}"
-            if beside:  # the tower on the user's data, untouched
-                rows.append(zero_shot_row(row, splits))
+        if recipe.towers:
+            eta.start(*[s.label for s in steps if s.kind == "data" and s.label != "data"])
+            pre_splits, extra = pretrain_splits(req, preset, splits)
+            for variant in recipe.towers:
+                row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent,
+                                   reused, extra, eta=eta)[0]
+                rows.append(row)
+                pretrained[variant] = f"models:/{row['name']}/{row['version']}"
+                if recipe.beside:  # the tower on the user's data, untouched
+                    eta.start(f"zero-shot/{variant}")
+                    rows.append(zero_shot_row(row, splits))
+        models = [*recipe.models, *([recipe.twin] if recipe.twin else [])]
         trained = _train_steps([(stage, variant, seed, pretrained[init] if init else None)
-                                for stage, variant, seed, init in PLANS[req.preset]],
-                               req, splits, code, env, client, parent, reused)
+                                for stage, variant, seed, init in models],
+                               req, splits, code, env, client, parent, reused, eta=eta)
         rows += trained
         # The from-scratch twin is a reference row, not a base model. A tower pretrained on other
         # data (the default set, for a folder without digit labels) is one: untouched by the
         # folder's labels, it errs differently from the models fine-tuned on them.
-        base = trained[:-1] + [r for r in rows if r.get("zero_shot")]
+        base = trained[:len(recipe.models)] + [r for r in rows if r.get("zero_shot")]
 
-        # stack over exactly the versions above
-        uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
-        key = stack_key(uris, d, code, env)
-        done = find_finished(key, client)
-        if done is not None and _version_exists(done, client, registry.STACK_NAME):
-            log.info("step stack: reused run %s", done.info.run_id)
-            reused.append("stack")
-            stack = {"run_id": done.info.run_id, "version": done.data.tags.get(names.TAG_MODEL_VERSION, "?"),
-                     "cv_oof_acc": done.data.metrics["cv_oof_acc"],
-                     "test_public_acc": done.data.metrics["test_public_acc_lightgbm_stack"]}
-        else:
-            out = run_stack(StackRequest(models=uris, data_dir=str(d), preset=req.preset, parent_run_id=parent))
-            client.set_tag(out["run_id"], names.TAG_STEP_KEY, key)
-            stack = {"run_id": out["run_id"], "version": out["version"], "cv_oof_acc": out["cv_oof_acc"],
-                     "test_public_acc": out["table"][0]["test_public_acc"]}
+        eta.start("stack")
+        stack = _stack_step(base, d, req, code, env, client, parent, reused, lambda r: run_stack(StackRequest(**r)))
 
-        # predict test_private with this stack version
+        # predictions from the model that ships: the stack, unless its out-of-fold val is not
+        # above the best base model's val (the towers' zero-shot rows included)
+        ship = ship_choice(stack, base)
+        eta.start("predict")
         pred_path = d / "predictions_private.csv"
-        key = predict_key(f"models:/{registry.STACK_NAME}/{stack['version']}", d, code, env)
+        key = predict_key(model_uri(ship), d, code, env)
         done = find_finished(key, client)
         if done is not None and pred_path.exists() and \
                 done.data.tags.get(names.TAG_OUTPUT_DIGEST) == file_digest(pred_path):
             log.info("step predict: reused run %s (%s)", done.info.run_id, pred_path)
             reused.append("predict")
         else:
-            _run_predict_step(f"models:/{registry.STACK_NAME}/{stack['version']}", d, pred_path, parent, key)
+            _run_predict_step(model_uri(ship), d, pred_path, parent, key)
 
-        table = [{"model": r["name"] + _suffix(r),
-                  "version": r["version"], "stage": r["stage"], "val_acc": r["val_acc"],
-                  "test_public_acc": r["test_public_acc"], "init_from": r["init_from"] or ""} for r in rows]
-        table.append({"model": registry.STACK_NAME, "version": stack["version"], "stage": "stack",
-                      "val_acc": stack["cv_oof_acc"], "test_public_acc": stack["test_public_acc"]})
-        with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, "ladder.json").write_text(json.dumps(table, indent=2))
-            mlflow.log_artifacts(tmp)
+        table = [{"model": r["name"] + _suffix(r), "version": r["version"], "stage": r["stage"],
+                  "val_acc": r["val_acc"], "test_public_acc": r["test_public_acc"], "init_from": r["init_from"] or "",
+                  "ships": r is ship, "run_id": r["run_id"]} for r in rows]
+        table.append({"model": registry.stack_name(), "version": stack["version"], "stage": "stack",
+                      "val_acc": stack["cv_oof_acc"], "test_public_acc": stack["test_public_acc"], "init_from": "",
+                      "ships": stack is ship, "run_id": stack["run_id"]})
+        mlflow.log_dict(table, "ladder.json")
         mlflow.log_metrics({"steps_reused": float(len(reused)), "stack_test_public_acc": stack["test_public_acc"]})
-        mlflow.set_tag("pairnet.reused_steps", ",".join(reused)[:5000])
+        mlflow.set_tags({"pairnet.reused_steps": ",".join(reused)[:5000], names.TAG_SHIPS: model_uri(ship)})
     ui = experiment_url(uri, client.get_run(parent).info.experiment_id)
-    return {"run_id": parent, "table": table, "reused": reused, "ui": ui, "predictions": str(pred_path)}
+    return {"run_id": parent, "table": table, "reused": reused, "ui": ui, "predictions": str(pred_path),
+            "ships": model_uri(ship), "eta_seconds": plan.total(steps), "plan": steps}
+
+
+def _stack_step(base: list[dict], d: Path, req: PipelineRequest, code: str, env: dict, client: MlflowClient,
+                parent: str, reused: list, run_stack) -> dict:
+    """The stack over exactly ``base``'s versions: reused by key, or trained by ``run_stack``."""
+    uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
+    key = stack_key(uris, d, code, env)
+    done = find_finished(key, client)
+    if done is not None and _version_exists(done, client, registry.stack_name()):
+        log.info("step stack: reused run %s", done.info.run_id)
+        reused.append("stack")
+        run_id, version = done.info.run_id, done.data.tags.get(names.TAG_MODEL_VERSION, "?")
+        cv, public = done.data.metrics["cv_oof_acc"], done.data.metrics["test_public_acc_lightgbm_stack"]
+    else:
+        out = run_stack(dict(models=uris, data_dir=str(d), preset=req.preset, parent_run_id=parent))
+        client.set_tag(out["run_id"], names.TAG_STEP_KEY, key)
+        run_id, version = out["run_id"], out["version"]
+        cv, public = out["cv_oof_acc"], out["table"][0]["test_public_acc"]
+    return {"uri": f"models:/{registry.stack_name()}/{version}", "version": version, "cv_oof_acc": cv,
+            "test_public_acc": public, "run_id": run_id}
+
+
+def ship_choice(stack: dict, base: list[dict]) -> dict:
+    """The model whose predictions the pipeline writes (``stack`` or a row of ``base``): the
+    stack when its out-of-fold val accuracy is above every base model's val accuracy (the
+    towers' zero-shot rows included), else the best of them."""
+    best = max(base, key=lambda r: r["val_acc"] if r["val_acc"] is not None else float("-inf"), default=None)
+    if best is None or best["val_acc"] is None or stack["cv_oof_acc"] > best["val_acc"]:
+        return stack
+    log.info("step predict: the stack's out-of-fold val %.4f is not above %s's val %.4f: that model makes the "
+             "predictions", stack["cv_oof_acc"], best["name"] + _suffix(best), best["val_acc"])
+    return best
+
+
+def model_uri(row: dict) -> str:
+    return row.get("uri") or f"models:/{row['name']}/{row['version']}"
+
 
 
 def zero_shot_row(pretrained: dict, splits) -> dict:
@@ -295,23 +546,29 @@ def _suffix(row: dict) -> str:
     return "" if row["init_from"] or row["stage"] == "pretrain" else " (from scratch)"
 
 
+def step_config(stage: str, variant: str, seed: int, init_from: str | None, preset: str, digits: bool,
+                overrides: dict | None = None) -> tuple:
+    """A training step's config, registered name and label; ``digits``: its training file
+    carries digit labels (the default set does), which fine-tuning then keeps using."""
+    explicit = {**(overrides or {}), "model_name": variant, "seed": seed}
+    if init_from:
+        explicit["init_from"] = init_from
+        if digits:
+            explicit["aux_digit_weight"] = FINETUNE_DIGIT_WEIGHT
+    cfg = build_config(stage, preset, explicit)
+    name = registered_for(stage, variant, seed if stage == "stage3" else None)
+    label = f"{stage}/{variant}/seed{seed}" + ("" if init_from or stage == "pretrain" else "/scratch")
+    return cfg, name, label
+
+
 def train_key(stage: str, variant: str, seed: int, init_from: str | None, req: PipelineRequest,
               splits, code: str, env: dict, overrides: dict | None = None) -> tuple:
     """A training step's config, registered name, label and key. The key holds the whole
     config (init_from's exact version included), where it runs, the files it reads, the code
     and the library versions: a change to any of them reruns the step and, through the new
     version it registers, every step started from it."""
-    from pairnet.stages import registered_for
-
-    explicit = {**(overrides or {}), "model_name": variant, "seed": seed}
-    if init_from:
-        explicit["init_from"] = init_from
-        # Digit supervision wherever the data has digit labels (the default set does).
-        if digit_labels(splits.train) is not None:
-            explicit["aux_digit_weight"] = FINETUNE_DIGIT_WEIGHT
-    cfg = build_config(stage, req.preset, explicit)
-    name = registered_for(stage, variant, seed if stage == "stage3" else None)
-    label = f"{stage}/{variant}/seed{seed}" + ("" if init_from or stage == "pretrain" else "/scratch")
+    cfg, name, label = step_config(stage, variant, seed, init_from, req.preset, digit_labels(splits.train) is not None,
+                                   overrides)
     dev = pick_device(req.device)
     where = {"device": str(dev), "amp_dtype": str(amp_dtype(cfg.amp, dev))}
     key = step_key(label, {**cfg.to_dict(), "registered": name, **where}, code,
@@ -328,10 +585,12 @@ def predict_key(model_uri: str, d: Path, code: str, env: dict) -> str:
 
 
 def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, env: dict, client: MlflowClient,
-                 parent: str, reused: list, overrides: dict | None = None) -> list[dict]:
+                 parent: str, reused: list, overrides: dict | None = None, eta: Eta | None = None) -> list[dict]:
     """Independent training steps (stage, variant, seed, init_from): each reuses the FINISHED
-    run with its key, the others train, ``req.jobs`` at a time in worker processes.
-    ``overrides``: config values on top of the preset's, for every step (and its key)."""
+    run with its key, resumes an interrupted one (killed or failed, with a checkpoint) from its
+    last epoch, or trains; ``req.jobs`` at a time in worker processes. Every run carries its
+    key from its start, so an interrupted step is found again. ``overrides``: config values on
+    top of the preset's, for every step (and its key)."""
     from pairnet.parallel import Member, member_device, report_failures, train_members
 
     rows: list[dict | None] = []
@@ -344,16 +603,36 @@ def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, en
             reused.append(label)
             rows.append(_summary_from_run(done))
             continue
-        todo.append((len(rows), Member(cfg, stage, name, label, req.preset, member_device(req.device, len(todo))), key))
+        resume = find_interrupted(key, client)
+        if resume:
+            log.info("step %s: resumes interrupted run %s from its last checkpoint", label, resume)
+        todo.append((len(rows), Member(cfg, stage, name, label, req.preset, member_device(req.device, len(todo)),
+                                       tags={names.TAG_STEP_KEY: key}, resume_run_id=resume), key))
         rows.append(None)
-    results = train_members([m for _, m, _ in todo], req.jobs, parent_run_id=parent, data_dir=str(splits.data_dir),
-                            preset=req.preset, splits=splits)
-    for (index, _, key), res in zip(todo, results, strict=True):
-        if "error" not in res:
-            client.set_tag(res["run_id"], names.TAG_STEP_KEY, key)
+    # One at a time, each announced with its estimate; with jobs > 1, all at once.
+    batches = [[t] for t in todo] if req.jobs == 1 else [todo]
+    results = []
+    for batch in batches:
+        if eta is not None and batch:
+            eta.start(*[m.run_name for _, m, _ in batch])
+        results += train_members([m for _, m, _ in batch], req.jobs, parent_run_id=parent,
+                                 data_dir=str(splits.data_dir), preset=req.preset, splits=splits)
+    for (index, _, _), res in zip(todo, results, strict=True):
         rows[index] = {**res, "reused": False}
     report_failures(results, "training steps")
     return rows
+
+
+def find_interrupted(key: str, client: MlflowClient) -> str | None:
+    """The newest killed or failed run of the step with ``key`` that left a checkpoint."""
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, filter_string=f"tags.`{names.TAG_STEP_KEY}` = '{key}' and "
+                                                     "attributes.status != 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=10)
+    for run in (r for r in runs if r.info.status in ("KILLED", "FAILED")):
+        if names.CHECKPOINT_ARTIFACT in [a.path for a in client.list_artifacts(run.info.run_id, ARTIFACT_DIR)]:
+            return run.info.run_id
+    return None
 
 
 def _version_exists(run, client: MlflowClient, name: str | None = None) -> bool:

@@ -52,6 +52,8 @@ class Member:
     preset: str
     device: str = "auto"
     init_source: object | None = None  # InitSource, fetched once by the caller
+    tags: dict | None = None  # tags the member's run carries from its start
+    resume_run_id: str | None = None  # an interrupted run of this member to continue
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Context:
     experiment_id: str
     parent_run_id: str
     threads: int
+    namespace: str = ""  # registered names' prefix (tracking.registry), as the caller resolved it
 
 
 def _init_worker(ctx: Context) -> None:
@@ -78,6 +81,10 @@ def _init_worker(ctx: Context) -> None:
 
     configure_http()
     route_mlflow_logs()
+    if ctx.namespace:
+        from pairnet.tracking import registry
+
+        registry.set_namespace(ctx.namespace)
     mlflow.set_tracking_uri(ctx.tracking_uri)
     mlflow.set_experiment(experiment_id=ctx.experiment_id)
 
@@ -90,7 +97,8 @@ def _train_member(ctx: Context, member: Member, train: Callable[..., dict], spli
         splits = splits if splits is not None else load_splits(ctx.data_dir, ctx.preset)
         return train(member.cfg, stage=member.stage, splits=splits, registered=member.registered,
                      run_name=member.run_name, device=member.device, preset=member.preset,
-                     parent_run_id=ctx.parent_run_id, init_source=member.init_source)
+                     parent_run_id=ctx.parent_run_id, init_source=member.init_source,
+                     resume_run_id=member.resume_run_id, extra_tags=member.tags)
     except Exception as err:  # the member's run already ended FAILED; siblings go on
         log.error("member %s failed: %s", member.run_name, err)
         return {"error": f"{type(err).__name__}: {err}", "run_name": member.run_name}
@@ -107,8 +115,10 @@ def train_members(members: list[Member], jobs: int, *, train: Callable[..., dict
     if jobs == 1 or len(members) == 1:
         return [_train_member(Context(data_dir, preset, "", "", parent_run_id, 0), m, train, splits) for m in members]
     threads = max(1, usable_cpus() // jobs)
+    from pairnet.tracking import registry
+
     ctx = Context(data_dir, preset, mlflow.get_tracking_uri(),
-                  mlflow.get_run(parent_run_id).info.experiment_id, parent_run_id, threads)
+                  mlflow.get_run(parent_run_id).info.experiment_id, parent_run_id, threads, registry.namespace())
     log.info("training %d members in %d worker processes (%d threads each)", len(members), jobs, threads)
     return _in_workers(members, jobs, ctx, train)
 

@@ -11,7 +11,11 @@ import pandas as pd
 from pairnet.data.pairs import load_pairs, to_labels, write_labels_csv
 from pairnet.errors import PairnetError
 
-DEFAULT_MODEL = "models:/pairnet-stack@champion"
+def default_model() -> str:
+    """The namespace's champion stack (``models:/<namespace>-stack@champion``)."""
+    from pairnet.tracking.registry import stack_name
+
+    return f"models:/{stack_name()}@champion"
 
 
 def load_model(uri: str):

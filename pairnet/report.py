@@ -108,3 +108,73 @@ def tune_history(experiment: str | None = None, client: MlflowClient | None = No
     best = {m.step: m.value for m in client.get_metric_history(run_id, "best_value_so_far")}
     return pd.DataFrame({"trial": sorted(value), "value": [value[s] for s in sorted(value)],
                          "best_so_far": [best.get(s) for s in sorted(value)]})
+
+
+def newest_pipeline(experiment: str | None = None, data_dir: str | None = None,
+                    client: MlflowClient | None = None):
+    """The newest FINISHED pipeline run (of ``data_dir``, when given), or None."""
+    client = client or MlflowClient()
+    runs = client.search_runs(_experiment_ids(client, experiment),
+                              filter_string=f"tags.`{names.TAG_STAGE}` = 'pipeline' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=200)
+    for run in runs:
+        if data_dir is None or run.data.params.get("pipeline.data_dir") == str(data_dir):
+            return run
+    return None
+
+
+def pipeline_ladder(run, client: MlflowClient | None = None) -> list[dict]:
+    """The ladder a pipeline run logged (``ladder.json``): one dict per model."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    client = client or MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run.info.run_id, "ladder.json", tmp)).read_text())
+
+
+def ladder_html(run, table: list[dict], client: MlflowClient | None = None) -> str:
+    """One self-contained page: the ladder, the plan, and each model's evaluation figures
+    (learning curves, val curves and confusion matrix), the images inlined."""
+    import base64
+    import html
+    import tempfile
+    from pathlib import Path
+
+    client = client or MlflowClient()
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = "".join(
+        f"<tr{' class=ships' if r.get('ships') else ''}><td>{'*' if r.get('ships') else ''}</td>"
+        f"<td>{html.escape(r['model'])}</td><td>{html.escape(str(r['version']))}</td><td>{r['stage']}</td>"
+        f"<td>{fmt(r['val_acc'])}</td><td>{fmt(r['test_public_acc'])}</td></tr>" for r in table)
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        plan = (Path(client.download_artifacts(run.info.run_id, "plan.txt", tmp)).read_text()
+                if "plan.txt" in files else "")
+        seen = set()
+        for r in table:
+            run_id = r.get("run_id")
+            if not run_id or run_id in seen:
+                continue
+            seen.add(run_id)
+            imgs = []
+            for path in ("learning_curves.png", f"{EVAL_DIR}/val/curves.png", f"{EVAL_DIR}/val/confusion_matrix.png"):
+                try:
+                    local = client.download_artifacts(run_id, path, tmp)
+                except Exception:  # noqa: BLE001 - a run without that figure (the stack) shows the others
+                    continue
+                data = base64.b64encode(Path(local).read_bytes()).decode()
+                imgs.append(f'<img alt="{html.escape(path)}" src="data:image/png;base64,{data}">')
+            if imgs:
+                figures.append(f"<h3>{html.escape(r['model'])} (run {run_id})</h3>" + "".join(imgs))
+    return ("<!doctype html><meta charset=utf-8><title>pairnet ladder</title><style>body{font-family:sans-serif}"
+            "td,th{padding:2px 10px;text-align:right}td:nth-child(2){text-align:left}tr.ships{font-weight:bold}"
+            "img{max-width:32%;margin:4px}</style>"
+            f"<h1>pairnet ladder: pipeline run {run.info.run_id}</h1>"
+            f"<p>preset {html.escape(run.data.params.get('pipeline.preset', '?'))}, data "
+            f"{html.escape(run.data.params.get('pipeline.data_dir', '?'))}; * marks the model whose predictions "
+            "were written. Stack val: 5-fold out-of-fold accuracy on val; the others: best epoch on val.</p>"
+            "<table><tr><th></th><th>model</th><th>ver</th><th>stage</th><th>val acc</th><th>test_public acc</th></tr>"
+            f"{rows}</table><h2>Plan</h2><pre>{html.escape(plan)}</pre><h2>Figures</h2>{''.join(figures)}")

@@ -64,9 +64,10 @@ def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[B
                 raise PairnetError(f"{uri} is a stack, not a base model")
             out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
     else:
-        for rm in client.search_registered_models(filter_string=f"name LIKE '{registry.PREFIX}%'", max_results=1000):
+        for rm in client.search_registered_models(filter_string=f"name LIKE '{registry.prefix()}%'",
+                                                  max_results=1000):
             # The stack itself and pretrained towers are not base models.
-            if rm.name == registry.STACK_NAME or rm.name.startswith(registry.PRETRAIN_PREFIX):
+            if rm.name == registry.stack_name() or rm.name.startswith(registry.PRETRAIN_PREFIX):
                 continue
             mv = registry.champion_version(rm.name, client)
             if mv is None:
@@ -75,7 +76,8 @@ def resolve_base_models(spec: str, client: MlflowClient | None = None) -> list[B
             mv = check_version(f"models:/{mv.name}/{mv.version}", client)
             out.append(BaseModel(mv.name, str(mv.version), mv.run_id))
         if not out:
-            raise PairnetError("no registered pairnet-* model has a 'champion' alias; train stages 1-3 first")
+            raise PairnetError(f"no registered {registry.prefix()}* model has a 'champion' alias; train stages 1-3 "
+                               "first")
     if len(out) < 2:
         raise PairnetError(f"stacking needs at least 2 base models, got {len(out)}")
     return sorted(out, key=lambda b: b.key)
@@ -218,11 +220,11 @@ def run_stack(req: StackRequest) -> dict:
                 info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
                                                artifacts=stack_artifacts(tmp), signature=STACK_SIGNATURE,
                                                input_example=np.ascontiguousarray(splits["val"].x[:2]),
-                                               registered_model_name=registry.STACK_NAME,
+                                               registered_model_name=registry.stack_name(),
                                                pip_requirements=requirements("lightgbm"), code_paths=code)
-            mark_version(registry.STACK_NAME, info, "stack")
+            mark_version(registry.stack_name(), info, "stack")
         version = str(info.registered_model_version)
-        decision = registry.register_and_gate(registry.STACK_NAME, version, cv_acc, parent, {
+        decision = registry.register_and_gate(registry.stack_name(), version, cv_acc, parent, {
             "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
             "base_models": ",".join(b.key for b in bases)[:5000],
         }, val_digest=splits["val"].digest(), evaluate=lambda uri: accuracy_on(uri, splits["val"]),
@@ -231,5 +233,6 @@ def run_stack(req: StackRequest) -> dict:
                        f"val acc = 5-fold out-of-fold accuracy on val",
             model_description="pairnet stack: a LightGBM meta-learner over registered pairnet base models; input "
                               "uint8 pairs (N, 28, 56), output columns label and probability.")
-    return {"run_id": parent, "version": version, "cv_oof_acc": cv_acc, "folds": folds, "table": table,
+    return {"run_id": parent, "name": registry.stack_name(), "version": version, "cv_oof_acc": cv_acc, "folds": folds,
+            "table": table,
             "promoted": decision.promoted, "bases": [b.key for b in bases]}

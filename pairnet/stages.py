@@ -50,20 +50,23 @@ class StageRequest:
 def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: str, run_name: str,
                   device: str = "auto", preset: str = "full", parent_run_id: str | None = None,
                   resume_run_id: str | None = None, init_source: InitSource | None = None,
-                  config_text: str = "") -> dict:
+                  config_text: str = "", extra_tags: dict | None = None) -> dict:
     """Train one model inside its own MLflow run; log everything; register; gate champion.
 
     ``init_source``: the weights ``cfg.init_from`` names, when the caller already fetched them.
+    ``extra_tags``: more tags the run carries from its start (the pipeline's step key).
     """
     dev, commit = pick_device(device), git_commit()
     tags = {names.TAG_STAGE: stage, names.TAG_MODEL: cfg.model_name, names.TAG_SEED: str(cfg.seed),
             names.TAG_DATA_DIGEST: splits.digest(), names.TAG_PRESET: preset, names.TAG_GIT_COMMIT: commit,
-            names.TAG_SOURCE_COMMIT: commit, names.TAG_REGISTERED_NAME: registered}
+            names.TAG_SOURCE_COMMIT: commit, names.TAG_REGISTERED_NAME: registered, **(extra_tags or {})}
     me = distributed.current()  # under torchrun only rank 0 gets here; the others run train_replica
     resume = distributed.share(download_checkpoint(resume_run_id) if resume_run_id else None, me)
     if resume:
         cfg = type(cfg).from_dict(resume["config"])
         tags[names.TAG_RESUMED_FROM] = resume_run_id
+        if cfg.init_from.startswith("models:/") and "@" not in cfg.init_from:  # the exact version it started from
+            tags[names.TAG_INIT_FROM] = cfg.init_from
     digit_targets(cfg, splits.train)  # a digit loss without digit labels fails before any run opens
     torch.manual_seed(cfg.seed)  # before building: the initial weights follow cfg.seed alone
     if resume:
@@ -122,7 +125,7 @@ def train_replica(cfg: TrainConfig, data_dir, preset: str, device: str, me: dist
 
 def registered_for(stage: str, variant: str, seed: int | None = None) -> str:
     """``pairnet-<variant>``; pretrained towers as ``pairnet-pretrain-<variant>``."""
-    return registry.registered_name(f"pretrain-{variant}" if stage == "pretrain" else variant, seed)
+    return registry.tower_name(variant) if stage == "pretrain" else registry.registered_name(variant, seed)
 
 
 def run_single(stage: str, req: StageRequest) -> dict:

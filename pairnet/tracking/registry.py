@@ -25,16 +25,50 @@ from pairnet.paths import state_dir
 
 log = logging.getLogger(__name__)
 
-PREFIX = "pairnet-"
+# Each dataset has a namespace, the prefix of its registered names: the main job's (the project's
+# own default data) is ``pairnet``, a folder of the user's its own (see ``session.setup_tracking``),
+# so two datasets never share a champion. The towers, trained on the default data, keep shared
+# names. The namespace of this process is set once at the edge and handed to worker processes.
+DEFAULT_NAMESPACE = "pairnet"
+NAMESPACE_ENV = "PAIRNET_NAMESPACE"
 PRETRAIN_PREFIX = "pairnet-pretrain-"
 CHAMPION = "champion"
-STACK_NAME = "pairnet-stack"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+_NAMESPACE: list[str] = []  # the namespace set for this process (empty: the environment's or the default)
+
+
+def set_namespace(namespace: str) -> None:
+    _NAMESPACE[:] = [check_namespace(namespace)]
+
+
+def namespace() -> str:
+    return _NAMESPACE[0] if _NAMESPACE else check_namespace(os.environ.get(NAMESPACE_ENV) or DEFAULT_NAMESPACE)
+
+
+def check_namespace(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", text or "") or text.lower().startswith("pairnet-pretrain"):
+        raise PairnetError(f"namespace {text!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a "
+                           "letter or digit (it prefixes registered model names)")
+    return text
+
+
+def prefix() -> str:
+    return f"{namespace()}-"
 
 
 def registered_name(variant: str, seed: int | None = None) -> str:
-    name = f"{PREFIX}{variant}" + (f"-seed{seed}" if seed is not None else "")
+    """``<namespace>-<variant>[-seed<N>]``."""
+    name = f"{prefix()}{variant}" + (f"-seed{seed}" if seed is not None else "")
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def tower_name(variant: str) -> str:
+    """A pretrained tower's name: shared by every namespace (``pairnet-pretrain-<variant>``)."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", f"{PRETRAIN_PREFIX}{variant}")
+
+
+def stack_name() -> str:
+    return f"{prefix()}stack"
 
 
 # Model-version tags of the gate: what each figure was measured on.
@@ -213,11 +247,15 @@ def tag_version(name: str, version: str, tags: dict, client: MlflowClient | None
         client.set_model_version_tag(name, version, key, str(value))
 
 
-def list_registered(prefix: str = PREFIX, client: MlflowClient | None = None) -> list[dict]:
-    """Rows (name, version, aliases, val_acc, run_id) for every pairnet model version."""
+def list_registered(starts: str | None = None, client: MlflowClient | None = None) -> list[dict]:
+    """Rows (name, version, aliases, val_acc, run_id) for every model version whose name starts
+    with ``starts`` (default: this namespace's models and the shared towers)."""
     client = client or MlflowClient()
     rows = []
-    for rm in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000):
+    prefixes = [starts] if starts is not None else [prefix(), PRETRAIN_PREFIX]
+    found = {rm.name: rm for p in prefixes
+             for rm in client.search_registered_models(filter_string=f"name LIKE '{p}%'", max_results=1000)}
+    for rm in found.values():
         aliases: dict[str, list[str]] = {}
         for alias, ver in (rm.aliases or {}).items():
             aliases.setdefault(str(ver), []).append(alias)
