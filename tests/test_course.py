@@ -1,0 +1,166 @@
+"""The student's job on a folder of their own: the plan before the work, course rules (no
+outside data), one namespace per dataset, a submission, the ladder again, and a pipeline
+SIGKILLed mid-step that resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import user_env
+from pairnet import names
+from pairnet.cli import main
+from pairnet.data.pairs import load_pairs
+from pairnet.pipeline import PipelineRequest, run_pipeline
+from pairnet.predict import check_submission
+from test_realdata import user_folder
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TOWERS = "pairnet-pretrain-"
+
+
+def _runs(experiment: str) -> list:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def _names_made_by(experiment: str) -> set[str]:
+    return {r.data.tags[names.TAG_REGISTERED_NAME] for r in _runs(experiment)
+            if names.TAG_REGISTERED_NAME in r.data.tags and r.info.status == "FINISHED"}
+
+
+def test_the_plan_trains_nothing_and_writes_nothing(mlflow_server, tmp_path, monkeypatch, capsys):
+    own = tmp_path / "own"
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(own))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "it-plan")
+    assert main(["pipeline", "--preset", "tiny", "--plan"]) == 0
+    out = capsys.readouterr().out
+    for label in ("data", "pretrain/resnet_optimized/seed42", "stage2/resnet_optimized/seed42",
+                  "stage3/resnet_fusion/seed42", "stage2/resnet_optimized/seed42/scratch", "stack", "predict",
+                  "in all"):
+        assert f"  {label} " in out, label
+    assert "estimates from this machine's measured throughput" in out
+    assert not own.exists()  # no data made, no lock taken
+    assert MlflowClient().get_experiment_by_name("it-plan") is None  # no experiment, so no run
+
+
+def test_course_rules_train_no_tower_and_read_no_default_set(mlflow_server, tmp_path, monkeypatch):
+    folder = user_folder(tmp_path / "rules", seed=21)
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(tmp_path / "own"))
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # as in a fresh process
+    out = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(folder), device="cpu", pretrain="none"))
+    assert not (tmp_path / "own" / "default").exists()  # no default set made or read
+    runs = _runs("rules")  # the folder's own experiment, named after it
+    assert runs and not [r for r in runs if r.data.tags.get(names.TAG_STAGE) == "pretrain"]
+    (parent,) = [r for r in runs if r.data.tags.get(names.TAG_STAGE) == "pipeline"]
+    assert parent.data.tags[names.TAG_OUTSIDE_DATA] == "none" and parent.data.params["pipeline.pretrain"] == "none"
+    models = [r for r in out["table"] if r["stage"] != "stack"]
+    assert [r["model"] for r in models] == ["rules-resnet_optimized (from scratch)",
+                                            "rules-resnet_fusion-seed42 (from scratch)"]
+    assert not any(r["init_from"] for r in models)
+    assert sum(r["ships"] for r in out["table"]) == 1
+
+
+def test_the_main_job_then_a_folder_share_only_the_towers(mlflow_server, tmp_path, monkeypatch, capsys):
+    own = tmp_path / "own"
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(own))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "it-ns-main")
+    main_job = run_pipeline(PipelineRequest(preset="tiny", device="cpu"))
+    folder = user_folder(tmp_path / "Course 2026", seed=23)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # left by the first run's set_experiment
+    course = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(folder), device="cpu", seed=5))
+    demo, mine = _names_made_by("it-ns-main"), _names_made_by("course-2026")
+    assert all(n.startswith(("pairnet-", TOWERS)) for n in demo)
+    assert mine and all(n.startswith(("course-2026-", TOWERS)) for n in mine)
+    assert not {n for n in demo & mine if not n.startswith(TOWERS)}
+    client = MlflowClient()
+    assert client.get_experiment_by_name("course-2026").tags[names.TAG_NAMESPACE] == "course-2026"
+    # Each namespace's champions were judged on that namespace's own val data.
+    for name, d in [(n, folder) for n in mine if not n.startswith(TOWERS)] + \
+                   [(n, own) for n in demo if not n.startswith(TOWERS)]:
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.tags["val_digest"] == load_pairs(d / "val.npz").digest(), name
+    # A plain stack in the folder's experiment takes that namespace's champions.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "course-2026")
+    assert main(["stack", "--data-dir", str(folder), "--preset", "tiny"]) == 0
+    assert "course-2026-stack v" in capsys.readouterr().out
+
+    # The submission: the model the pipeline shipped, checked, and never over a file it did not write.
+    sub = tmp_path / "submission.csv"
+    assert main(["submit", "--data-dir", str(folder), "--out", str(sub)]) == 0
+    said = capsys.readouterr().out
+    assert f"made by {course['ships']}" in said and check_submission(folder / "test_private.npz", sub) == []
+    assert main(["submit", "--data-dir", str(folder), "--out", str(sub)]) == 0  # its own output: replaced
+    theirs = tmp_path / "notes.csv"
+    theirs.write_text("id,label\nmine,1\n")
+    assert main(["submit", "--data-dir", str(folder), "--out", str(theirs)]) == 2
+    assert theirs.read_text() == "id,label\nmine,1\n"
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+    # The ladder again, and as one page with the figures inlined.
+    page = tmp_path / "ladder.html"
+    assert main(["report", "--experiment-name", "course-2026", "--html", str(page)]) == 0
+    printed = capsys.readouterr().out
+    shipped = [r["model"] for r in course["table"] if r["ships"]]
+    assert len(shipped) == 1 and f"* {shipped[0]}" in printed
+    text = page.read_text()
+    assert "<table>" in text and "data:image/png;base64," in text and "pipeline plan:" in text
+    assert main_job["table"][-1]["model"] == "pairnet-stack"
+
+
+KILLABLE = textwrap.dedent("""
+    import sys
+    from pairnet.presets import PRESETS
+    PRESETS["tiny"]["train"] = {**PRESETS["tiny"]["train"], "epochs": 40}  # long enough to be killed mid-step
+    from pairnet.cli import main
+    sys.exit(main(["pipeline", "--preset", "tiny", "--data-dir", sys.argv[1], "--pretrain", "none"]))
+""")
+
+
+def test_a_pipeline_sigkilled_mid_step_resumes_from_its_checkpoint(mlflow_server, tmp_path, monkeypatch):
+    from pairnet.presets import PRESETS
+
+    folder = user_folder(tmp_path / "laptop", seed=31)
+    env = user_env(mlflow_server, "it-sleep")
+    env["PAIRNET_DATA_DIR"] = str(tmp_path / "own")
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(folder)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient()
+
+    def checkpointed():
+        for r in _runs("it-sleep"):
+            if names.TAG_STEP_KEY in r.data.tags and len(client.get_metric_history(r.info.run_id, "val_acc")) >= 3 \
+                    and client.list_artifacts(r.info.run_id, "checkpoint"):
+                return r
+        return None
+
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        killed = checkpointed()
+        time.sleep(0.3)
+    assert killed is not None, "no step reached a checkpointed third epoch"
+    os.killpg(proc.pid, signal.SIGKILL)  # as a laptop's battery would: no handler runs
+    proc.wait(timeout=30)
+    done = len(client.get_metric_history(killed.info.run_id, "val_acc"))
+    assert done < 40
+
+    monkeypatch.setitem(PRESETS["tiny"], "train", {**PRESETS["tiny"]["train"], "epochs": 40})
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(tmp_path / "own"))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "it-sleep")
+    run_pipeline(PipelineRequest(preset="tiny", data_dir=str(folder), device="cpu", pretrain="none"))
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"  # swept as the pipeline started
+    (resumed,) = [r for r in _runs("it-sleep") if r.data.tags.get(names.TAG_RESUMED_FROM) == killed.info.run_id]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags[names.TAG_STEP_KEY] == killed.data.tags[names.TAG_STEP_KEY]
+    steps = sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "val_acc"))
+    assert steps == list(range(1, 41))  # the killed run's epochs carried over, the rest trained here
