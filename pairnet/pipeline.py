@@ -315,7 +315,8 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
             steps.append(step)
             versions[variant] = version
             if recipe.beside:
-                speed = plan.measure(build_config("pretrain", req.preset, {"model_name": variant}), dev)
+                cfg = build_config("pretrain", req.preset, {"model_name": variant})
+                speed = plan.measure(cfg, dev, keep=not req.plan)
                 n = sizes["val"] + sizes.get("public", 0)
                 steps.append(plan.Step(f"zero-shot/{variant}", "zero_shot", "the tower as it is, scored on your "
                                        "val and test_public", n, seconds=plan.LOAD_S + n * speed.pair_s))
@@ -340,7 +341,8 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
         stack_reused = done is not None and _version_exists(done, client, registry.stack_name())
     # Scoring speed of a base model (the stack and predictions score every base on their pairs).
     pair_s = 0.0 if stack_reused else \
-        plan.measure(build_config("stage2", req.preset, {"model_name": recipe.models[0][1]}), dev).pair_s
+        plan.measure(build_config("stage2", req.preset, {"model_name": recipe.models[0][1]}), dev,
+                     keep=not req.plan).pair_s
     steps.append(plan.Step("stack", "stack", f"LightGBM over {n_bases} base models, 5-fold CV on val", scored,
                            reused=stack_reused,
                            seconds=n_bases * (plan.LOAD_S + scored * pair_s) + plan.STEP_OVERHEAD_S))
@@ -377,7 +379,7 @@ def _train_plan(step: tuple, req: PipelineRequest, splits, sizes: dict, code: st
         if done is not None and _version_exists(done, client):
             version = done.data.tags[names.TAG_MODEL_VERSION]
     seconds = 0.0 if version else plan.train_seconds(cfg, sizes["train"], sizes["val"], sizes.get("public", 0),
-                                                     plan.measure(cfg, dev))
+                                                     plan.measure(cfg, dev, keep=not req.plan))
     return plan.Step(label, "pretrain" if stage == "pretrain" else "train", what, sizes["train"], cfg.epochs,
                      reused=version is not None, seconds=seconds), version
 

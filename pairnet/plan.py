@@ -5,13 +5,18 @@ Times come from a probe of this machine's throughput, not from a table: for each
 training config the probe runs ``fit()`` itself on random pairs for a few steps (full
 steps, and frozen-tower steps where the step freezes it) and scores random pairs with the
 model, so the estimate follows the device, the thread count, the width, the batch size and
-AMP. What a step adds around its epochs (logging figures, the model and its registration)
-is a fixed allowance measured on the 2-core dev machine.
+AMP. A probed speed is kept in pairnet's state folder (``speeds.json``, per config, machine
+and torch version) and read back by later plans; delete the file to probe again. What a
+step adds around its epochs (logging figures, the model and its registration) is a fixed
+allowance measured on the 2-core dev machine.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import platform
 import time
 from dataclasses import dataclass, replace
 
@@ -21,6 +26,8 @@ import torch
 from pairnet.data.generate import GenConfig, base_scans, make_split, split_pools
 from pairnet.data.pairs import PairSet
 from pairnet.device import amp_dtype
+from pairnet.fsutil import LOCK_SUFFIX, file_lock, write_text
+from pairnet.paths import state_dir
 from pairnet.models import create_model
 from pairnet.train.config import TrainConfig
 from pairnet.train.loop import fit, predict_logits
@@ -88,12 +95,17 @@ def _fit_seconds(cfg: TrainConfig, steps: int, train: PairSet, val: PairSet, dev
         loop_log.setLevel(level)
 
 
-def measure(cfg: TrainConfig, device: torch.device) -> Speed:
-    """This machine's speed for ``cfg`` (cached per model, width, batch, AMP and device)."""
+def measure(cfg: TrainConfig, device: torch.device, keep: bool = True) -> Speed:
+    """This machine's speed for ``cfg`` (cached per model, width, batch, AMP and device);
+    ``keep``: store a fresh probe in the state folder (``--plan`` writes nothing)."""
     key = (cfg.model_name, cfg.width_mult, cfg.feat_dim, cfg.layers,
            cfg.batch_size, cfg.eval_batch_size, cfg.amp, cfg.aux_digit_weight > 0, cfg.augment, str(device),
            torch.get_num_threads())
     if key in _SPEEDS:
+        return _SPEEDS[key]
+    stored = _stored().get(_disk_key(key))
+    if stored:
+        _SPEEDS[key] = Speed(*stored)
         return _SPEEDS[key]
     rng = np.random.default_rng(0)
     aux = cfg.aux_digit_weight > 0
@@ -118,7 +130,37 @@ def measure(cfg: TrainConfig, device: torch.device) -> Speed:
     log.debug("probe %s: %.3f s a step, %.3f s frozen, %.2f ms a pair scored", key, speed.step_s, speed.frozen_step_s,
               speed.pair_s * 1e3)
     _SPEEDS[key] = speed
+    if keep:
+        _store(_disk_key(key), speed)
     return speed
+
+
+# Probed speeds are kept in pairnet's state folder, per config, machine and library version: a
+# later plan on this machine reads them instead of probing again.
+SPEEDS_FILE = "speeds.json"
+
+
+def _disk_key(key: tuple) -> str:
+    return "|".join(map(str, (*key, torch.__version__, platform.node(), platform.processor(), os.cpu_count())))
+
+
+def _stored() -> dict:
+    try:
+        found = json.loads((state_dir() / SPEEDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _store(key: str, speed: Speed) -> None:
+    record = state_dir() / SPEEDS_FILE
+    try:
+        with file_lock(record.with_name(SPEEDS_FILE + LOCK_SUFFIX), f"{record} is busy", wait_s=10):
+            table = _stored()
+            table[key] = [speed.step_s, speed.frozen_step_s, speed.pair_s]
+            write_text(record, json.dumps(table, indent=1))
+    except OSError as err:  # a read-only state folder costs a probe next time, nothing else
+        log.debug("could not keep the probed speed: %s", err)
 
 
 _MAKE: list[float] = []
