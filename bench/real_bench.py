@@ -13,8 +13,16 @@
    Nothing is selected on the held-out fold: ``--select last`` (default) reports the last
    epoch of a fixed number of epochs; ``--select inner`` picks the best epoch on an inner
    stratified split cut from the training folds.
+3. ``--half``: the dev pairs' fixed halves (their README): ``choose`` (the even rows) is where
+   settings are compared and picked; ``report`` (the odd rows) is run once per finished recipe
+   and gives the headline; ``all`` is every row (figures chosen on them are selection
+   figures). The folds are cut within the half. ``--train-from``: the trained arms learn from
+   the other folds of the same half (``folds``, default) or, on the reporting half, from the
+   whole choosing half (``choose-half``: one model per arm, scored on each reporting fold).
+   The JSON says which half was scored and where the labels came from.
 
 Usage: python bench/real_bench.py --pairs ../shared/realdev/real_dev.npz [--folds 5]
+       [--half choose|report|all] [--train-from folds|choose-half]
        [--init-from URI | --tower PATH] [--epochs N] [--select last|inner] [--ft key=value]
 Last line: a JSON object of the figures.
 """
@@ -191,11 +199,22 @@ def main() -> None:
     ap.add_argument("--pt", action="append", default=[], help="TrainConfig override key=value of the pretraining")
     ap.add_argument("--ft", action="append", default=[], help="TrainConfig override key=value of the fine-tuned arm")
     ap.add_argument("--arms", default="finetuned,scratch", help="trained arms to run (comma-separated)")
+    ap.add_argument("--half", default="all", choices=("choose", "report", "all"),
+                    help="choose: the even rows; report: the odd rows; all: every row (default all)")
+    ap.add_argument("--train-from", default="folds", choices=("folds", "choose-half"),
+                    help="where the trained arms' labels come from: the other folds of the scored half, or (with "
+                         "--half report) the whole choosing half")
     args = ap.parse_args()
+    if args.train_from == "choose-half" and args.half != "report":
+        raise SystemExit("--train-from choose-half scores the reporting half: add --half report")
     dev = pick_device()
     t0 = time.perf_counter()
-    real = load_pairs(args.pairs)
-    real.require_labels()
+    every = load_pairs(args.pairs)
+    every.require_labels()
+    rows = {"choose": np.arange(0, len(every), 2), "report": np.arange(1, len(every), 2),
+            "all": np.arange(len(every))}
+    real = subset(every, rows[args.half], f"{args.half} half")
+    outside = subset(every, rows["choose"], "choose half") if args.train_from == "choose-half" else None
 
     pretrained, info = load_tower(args, dev)
     amp = amp_dtype("auto", dev)
@@ -205,18 +224,27 @@ def main() -> None:
     folds = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
     per_fold: dict[str, list[float]] = {"zero_shot": [], "finetuned": [], "scratch": []}
     arm_seconds = {"finetuned": 0.0, "scratch": 0.0}
+    trained_once = {}  # --train-from choose-half: one model per arm, from the choosing half
     for k, (train_idx, test_idx) in enumerate(folds.split(real.x, real.y)):
         train, test = subset(real, train_idx, f"fold{k}-train"), subset(real, test_idx, f"fold{k}-test")
         per_fold["zero_shot"].append(round(acc(pretrained, test, dev, amp), 4))
         if not args.zero_shot_only:
             for arm, cfg in configs.items():
                 t = time.perf_counter()
-                model = train_arm(cfg, pretrained if arm == "finetuned" else None, train, args.select, k, dev)
+                source = pretrained if arm == "finetuned" else None
+                if outside is None:
+                    model = train_arm(cfg, source, train, args.select, k, dev)
+                else:
+                    if arm not in trained_once:
+                        trained_once[arm] = train_arm(cfg, source, outside, args.select, 0, dev)
+                    model = trained_once[arm]
                 per_fold[arm].append(round(acc(model, test, dev, amp), 4))
                 arm_seconds[arm] += time.perf_counter() - t
         print(f"fold {k}: " + "  ".join(f"{arm} {v[-1]:.4f}" for arm, v in per_fold.items() if v))
 
-    out = {"bench": "real", "pairs": args.pairs, "n_pairs": len(real), "folds": args.folds,
+    out = {"bench": "real", "pairs": args.pairs, "half": args.half, "n_pairs": len(real), "folds": args.folds,
+           "trained_on": ("the whole choosing half (the even rows)" if outside is not None
+                          else f"the other folds of the {args.half} half"),
            "fold_seed": args.fold_seed, "select": args.select, "device": str(dev),
            "zero_shot_all_acc": round(acc(pretrained, real, dev, amp), 4)}
     for arm, values in per_fold.items():

@@ -6,12 +6,14 @@ Every :class:`PairnetError` becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from pairnet.config import Config, leaves
 from pairnet.errors import PairnetError
@@ -272,7 +274,8 @@ def _request(args):
 
 
 # ---------------------------------------------------------------- the experiment file
-NOT_IN_FILE = {"help", "config", "print_config", "verbose", "quiet"}
+# Not experiment settings: how this invocation logs and which run it is (the global options).
+NOT_IN_FILE = {"help", "config", "print_config", "verbose", "quiet", "experiment_name", "run_name", "tag"}
 
 
 def _add_config_file(p: argparse.ArgumentParser, resolve) -> None:
@@ -529,7 +532,7 @@ def _cmd_report(args) -> int:
     if args.html:
         check_overwrite(args.html, "report", args.force)
     setup_tracking()
-    experiment = args.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "pairnet"
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "pairnet"  # --experiment-name sets it
     run = report.newest_pipeline(experiment)
     if run is None:
         raise PairnetError(f"experiment '{experiment}' has no finished pipeline run: run `pairnet pipeline` first")
@@ -582,8 +585,6 @@ def _add_stack(sub) -> None:
 
     p = sub.add_parser("report", help="print the ladder of an experiment's newest pipeline run again; --html writes "
                                       "it with the evaluation figures as one self-contained page")
-    p.add_argument("--experiment-name", default="",
-                   help="experiment to read (default: MLFLOW_EXPERIMENT_NAME, else pairnet)")
     p.add_argument("--html", default="", help="also write the ladder, the plan and the figures to this HTML file")
     p.add_argument("--force", action="store_true", help="write over an existing --html that report did not write")
     p.set_defaults(func=_cmd_report)
@@ -739,6 +740,39 @@ def _add_global(p: argparse.ArgumentParser, default) -> None:
     group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging (default off)")
     group.add_argument("-q", "--quiet", action="store_true", default=default,
                        help="warnings and errors only (default off)")
+    p.add_argument("--experiment-name", default=default, metavar="NAME",
+                   help="MLflow experiment of the runs (default: MLFLOW_EXPERIMENT_NAME, else pairnet; a pipeline "
+                        "on a folder of yours: the folder's name)")
+    p.add_argument("--run-name", default=default, metavar="NAME", help="name of the top-level run (default: "
+                                                                        "pairnet's, e.g. stage2/<variant>/seed42)")
+    p.add_argument("--tag", action="append", default=default, metavar="KEY=VALUE",
+                   help="a tag on the top-level run; repeat for more")
+
+
+@contextlib.contextmanager
+def run_options(args) -> Iterator[None]:
+    """``--experiment-name``, ``--run-name`` and ``--tag`` for this command, as the environment
+    MLflow and pairnet read them (MLFLOW_EXPERIMENT_NAME, PAIRNET_RUN_NAME, PAIRNET_RUN_TAGS);
+    the environment is put back afterwards."""
+    tags = {}
+    for item in getattr(args, "tag", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PairnetError(f"--tag {item!r} must look like KEY=VALUE, e.g. --tag course=ml101")
+        tags[key.strip()] = value
+    values = {"MLFLOW_EXPERIMENT_NAME": getattr(args, "experiment_name", None) or None,
+              "PAIRNET_RUN_NAME": getattr(args, "run_name", None) or None,
+              "PAIRNET_RUN_TAGS": json.dumps(tags) if tags else None}
+    before = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for key, old in before.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def _global_after_commands(parser: argparse.ArgumentParser) -> None:
@@ -786,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(dump(args.resolve(args)), end="")
             return 0
-        return int(args.func(args) or 0)
+        with run_options(args):
+            return int(args.func(args) or 0)
     except PairnetError as err:  # exit 2: a usage error (bad input); 1: the work failed
         print(f"pairnet: error: {mask_url(str(err))}", file=sys.stderr)  # no password in any message
         return err.exit_code

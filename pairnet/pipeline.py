@@ -227,12 +227,10 @@ def has_digit_labels(d: Path) -> bool:
         return {"digit_a", "digit_b"} <= set(z.files)
 
 
-def pretrain_splits(req: PipelineRequest, preset: dict, splits) -> tuple:
-    """The splits the pretrained towers train on (see ``decide``) and the training values
-    pretraining adds there; the default set is made there first when the recipe asks for one."""
-    recipe = decide(req, preset, Path(splits.data_dir))
-    if recipe.tower_dir is None:
-        raise PairnetError("pretrain=none trains no tower")
+def pretrain_splits(recipe: Recipe, req: PipelineRequest, splits) -> tuple:
+    """The splits the recipe's towers train on and the training values pretraining adds there
+    (``decide``): the folder's own splits, or the default set beside it, made there first when
+    absent (again when it holds an older one)."""
     if not recipe.beside:
         return splits, {}
     gen = recipe.tower_set
@@ -445,7 +443,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         pretrained = {}
         if recipe.towers:
             eta.start(*[s.label for s in steps if s.kind == "data" and s.label != "data"])
-            pre_splits, extra = pretrain_splits(req, preset, splits)
+            pre_splits, extra = pretrain_splits(recipe, req, splits)
             for variant in recipe.towers:
                 row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent,
                                    reused, extra, eta=eta)[0]

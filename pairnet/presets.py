@@ -49,7 +49,8 @@ PRESETS: dict[str, dict] = {
              "default_pretrain": {"data_size": "full", "pretrain": {}}},
 }
 
-# Stage-specific recipe values (DESIGN.md): stage 1 trains 50 epochs with patience 5.
+# Stage-specific recipe values (the four-stage recipe of the README's table): stage 1 trains 50 epochs
+# with patience 5.
 STAGE_RECIPE = {
     "stage1": dict(model_name="improved_v2", epochs=50, patience=5),
     # layers come from the variant (resnet_optimized_1.12 is 3,3,3), so another
@@ -64,7 +65,7 @@ STAGE_RECIPE = {
                      scheduler="onecycle", lr=3e-3, augment=False),
 }
 
-# Stage 3 members: (model variant, seed), DESIGN.md.
+# Stage 3 members: (model variant, seed), the recipe's diversity stage.
 STAGE3_MEMBERS = (
     [("resnet_optimized_1.12", s) for s in (42, 2023, 2024, 2025)]
     + [("fpn_model", 42)]

@@ -33,6 +33,7 @@ import math
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -239,7 +240,9 @@ def make_study(req: TuneRequest, storage, worker: int = 0) -> optuna.Study:
         pass  # a new study
     return optuna.create_study(
         study_name=req.study_name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=req.sampler_seed + 1000 * worker + existing),
+        # constant_liar: with several workers, trials still running count as poor, so parallel
+        # workers do not all sample next to the same best point (explicit: defaults change).
+        sampler=optuna.samplers.TPESampler(seed=req.sampler_seed + 1000 * worker + existing, constant_liar=True),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
 
@@ -298,7 +301,7 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
                 "optuna.study": req.study_name, "optuna.trial_number": str(trial.number),
                 names.TAG_DATA_DIGEST: splits.digest(), **({names.TAG_INIT_FROM: source.uri} if source else {})}
         with tracked_run(f"tune/{req.study_name}/trial{trial.number}", tags, parent_run_id=parent_run_id,
-                         experiment_id=experiment_id, client=client, killed_by=(optuna.TrialPruned,),
+                         experiment_id=experiment_id, client=client, finished_by=(optuna.TrialPruned,),
                          end_tags=_trial_end_tags) as run:
             run.on_abort.append(abort)
             child = run.run_id
@@ -469,19 +472,33 @@ def log_history(complete: list[optuna.trial.FrozenTrial]) -> None:
 
 
 def _log_plots(study: optuna.Study) -> None:
-    import optuna.visualization as vis
+    """One interactive page (the optimisation history, plotly.js inside so it opens offline) and
+    the other plots as PNG from Optuna's matplotlib backend: a study's plots stay a few MB."""
+    import matplotlib
 
-    figures = {
-        "optimization_history.html": lambda: vis.plot_optimization_history(study),
-        "param_importances.html": lambda: vis.plot_param_importances(study),
-        "parallel_coordinate.html": lambda: vis.plot_parallel_coordinate(study),
-        "contour_lr_weight_decay.html": lambda: vis.plot_contour(study, params=["lr", "weight_decay"]),
-    }
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vis_png
+
     with tempfile.TemporaryDirectory() as tmp:
-        for name, make in figures.items():
-            try:
-                # plotly.js inside each page: the plots open offline, with no CDN to reach.
-                make().write_html(str(Path(tmp) / name), include_plotlyjs=True)
-            except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ finished trials
-                log.warning("skipped %s: %s", name, err)
-        mlflow.log_artifacts(tmp, artifact_path="optuna")
+        vis.plot_optimization_history(study).write_html(str(Path(tmp) / "optimization_history.html"),
+                                                        include_plotlyjs=True)
+        mlflow.log_artifact(str(Path(tmp) / "optimization_history.html"), artifact_path="optuna")
+    figures = {
+        "param_importances.png": lambda: vis_png.plot_param_importances(study),
+        "parallel_coordinate.png": lambda: vis_png.plot_parallel_coordinate(study),
+        "contour_lr_weight_decay.png": lambda: vis_png.plot_contour(study, params=["lr", "weight_decay"]),
+    }
+    for name, make in figures.items():
+        try:
+            with warnings.catch_warnings():
+                # Optuna marks its matplotlib backend experimental; the plots are what we log.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = make()
+        except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ finished trials
+            log.warning("skipped %s: %s", name, err)
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        mlflow.log_figure(fig, f"optuna/{name}")
+        plt.close(fig)

@@ -99,7 +99,7 @@ def postgres():
     if bindir is None:
         missing.append("PostgreSQL (apt-get install postgresql)")
     if importlib.util.find_spec("psycopg") is None:
-        missing.append("psycopg (pip install -e '.[test]')")
+        missing.append("psycopg (pip install -e '.[ci]')")
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"missing {' and '.join(missing)}; .ci/run installs them")
@@ -121,9 +121,10 @@ def user_env(tracking_uri: str, experiment: str) -> dict:
     return env
 
 
-def mlflow_run(entry: str, params: dict, env: dict, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+def mlflow_run(entry: str, params: dict, env: dict, timeout: int = 600, run_name: str = "",
+               **popen) -> subprocess.CompletedProcess:
     cmd = ["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
-           "--experiment-name", env["MLFLOW_EXPERIMENT_NAME"]]
+           "--experiment-name", env["MLFLOW_EXPERIMENT_NAME"], *(["--run-name", run_name] if run_name else [])]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)

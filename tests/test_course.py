@@ -169,3 +169,16 @@ def test_a_pipeline_sigkilled_mid_step_resumes_from_its_checkpoint(mlflow_server
     assert resumed.data.tags[names.TAG_STEP_KEY] == killed.data.tags[names.TAG_STEP_KEY]
     steps = sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "val_acc"))
     assert steps == list(range(1, 41))  # the killed run's epochs carried over, the rest trained here
+
+
+def test_experiment_run_name_and_tags_from_the_command_line(mlflow_server, tiny_data, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert main(["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--model-name", "compare_cnn",
+                 "--experiment-name", "it-cli-names", "--run-name", "my first cnn", "--tag", "course=ml101",
+                 "--tag", "week=3"]) == 0
+    (run,) = _runs("it-cli-names")
+    assert run.info.run_name == "my first cnn" and run.info.status == "FINISHED"
+    assert run.data.tags["course"] == "ml101" and run.data.tags["week"] == "3"
+    assert "MLFLOW_EXPERIMENT_NAME" not in os.environ and "PAIRNET_RUN_NAME" not in os.environ  # put back
+    assert main(["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--tag", "no-equals-sign"]) == 2
+    assert "--tag 'no-equals-sign' must look like KEY=VALUE" in capsys.readouterr().err

@@ -120,3 +120,35 @@ def test_a_folder_without_digits_pretrains_with_the_presets_default_pretrain_val
     assert (plain[0].epochs, beside[0].epochs) == (10, 8) and plain[3] != beside[3]
     assert {k: v for k, v in plain[0].to_dict().items() if k != "epochs"} == {
         k: v for k, v in beside[0].to_dict().items() if k != "epochs"}
+
+
+def test_the_default_pretrain_path_makes_the_presets_default_set_beside_a_digitless_folder(tmp_path, monkeypatch):
+    """``decide`` and ``pretrain_splits`` with a patched ``default_pretrain``: a folder without
+    digit labels gets its towers pretrained on the default set of the size the preset names, in
+    pairnet's own folder, with the preset's values; a folder with digit labels pretrains on itself."""
+    from pairnet.paths import default_set_dir
+    from pairnet.pipeline import decide, pretrain_splits
+
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(tmp_path / "own"))
+    monkeypatch.setitem(PRESETS["tiny"], "default_pretrain", {"data_size": "tiny", "pretrain": {"epochs": 3}})
+    made = tmp_path / "made"
+    make_dataset(made, GenConfig(size="tiny", seed=4))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for f in made.glob("*.npz"):
+        with np.load(f, allow_pickle=False) as z:
+            write_npz(mine / f.name, {k: z[k] for k in z.files if k in ("x", "y", "id")})
+    shutil.copy(made / "test_public_labels.csv", mine)
+    req = PipelineRequest(preset="tiny", data_dir=str(mine), device="cpu", seed=4)
+    recipe = decide(req, PRESETS["tiny"], mine)
+    assert recipe.beside and recipe.tower_dir == default_set_dir("tiny") and recipe.tower_values == {"epochs": 3}
+    assert not recipe.tower_dir.exists()  # deciding makes nothing
+    pre, values = pretrain_splits(recipe, req, load_splits(mine, "tiny"))
+    assert values == {"epochs": 3} and pre.data_dir.resolve() == default_set_dir("tiny").resolve()
+    assert "digit_a" in pre.train.extras and pre.train.digest() == load_splits(made, "tiny").train.digest()
+    # A folder that carries digit labels pretrains on itself, with no values added.
+    own = decide(PipelineRequest(preset="tiny", data_dir=str(made), device="cpu"), PRESETS["tiny"], made)
+    assert not own.beside and own.tower_dir == made and pretrain_splits(own, req, pre)[1] == {}
+    # Course rules: no tower at all.
+    none = decide(PipelineRequest(preset="tiny", data_dir=str(mine), pretrain="none"), PRESETS["tiny"], mine)
+    assert none.towers == () and none.twin is None and all(init is None for *_, init in none.models)

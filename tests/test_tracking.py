@@ -31,11 +31,12 @@ def _runs(client, experiment, filter_string=""):
 
 def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data):
     env = user_env(mlflow_server, "it-stage2")
-    proc = mlflow_run("stage2", {"preset": "tiny", "data_dir": tiny_data}, env)
+    proc = mlflow_run("stage2", {"preset": "tiny", "data_dir": tiny_data}, env, run_name="mine")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient()
     (run,) = _runs(client, "it-stage2")
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "mine"  # `mlflow run --run-name` is the user's; pairnet keeps it
     # Per-epoch metrics at steps 1..epochs (tiny preset: 2 epochs).
     for key in ("train_loss", "val_acc", "val_auc", "lr", "grad_norm", "pairs_per_s"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]

@@ -1,4 +1,4 @@
-"""Pair files: the data contract (DESIGN.md), loading, validation and writing.
+"""Pair files: the data contract (README, "Your own folder"), loading, validation and writing.
 
 A pair file is an ``.npz`` read with ``allow_pickle=False``:
 ``x`` uint8 (N, 28, 56) — left half image A, right half image B; optional ``y`` in

@@ -11,8 +11,6 @@ error_rate) with its 10×10 heatmap ``digit_pair_errors.png``.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -50,21 +48,19 @@ def log_evaluation(split: str, pairs: PairSet, prob: np.ndarray) -> None:
     """Every evaluation artifact of ``split`` on the active run (see the module docstring)."""
     prob = np.asarray(prob, dtype=np.float64)
     folder = f"{EVAL_DIR}/{split}"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        plots.curves(pairs.y, prob, tmp / "curves.png", title=f"{split}: {len(pairs)} pairs")
-        plots.confusion(pairs.y, prob, tmp / "confusion_matrix.png", title=f"{split} confusion matrix")
-        worst = confident_errors(pairs, prob)
-        plots.gallery(pairs.x[worst], pairs.y[worst], prob[worst], tmp / "most_confident_errors.png",
-                      title=f"{split}: the {len(worst)} most confidently wrong pairs",
-                      ids=pairs.ids_or_index()[worst])
-        table = digit_pair_errors(pairs, prob)
-        if table is not None:
-            errors, count = np.zeros((10, 10), dtype=int), np.zeros((10, 10), dtype=int)
-            errors[table.left, table.right], count[table.left, table.right] = table.errors, table.pairs
-            plots.digit_pair_heatmap(errors, count, tmp / "digit_pair_errors.png",
-                                     title=f"{split}: error rate per (left, right) digit")
-        mlflow.log_artifacts(str(tmp), folder)
+    mlflow.log_figure(plots.curves(pairs.y, prob, title=f"{split}: {len(pairs)} pairs"), f"{folder}/curves.png")
+    mlflow.log_figure(plots.confusion(pairs.y, prob, title=f"{split} confusion matrix"),
+                      f"{folder}/confusion_matrix.png")
+    worst = confident_errors(pairs, prob)
+    mlflow.log_figure(plots.gallery(pairs.x[worst], pairs.y[worst], prob[worst],
+                                    title=f"{split}: the {len(worst)} most confidently wrong pairs",
+                                    ids=pairs.ids_or_index()[worst]), f"{folder}/most_confident_errors.png")
+    table = digit_pair_errors(pairs, prob)
+    if table is not None:
+        errors, count = np.zeros((10, 10), dtype=int), np.zeros((10, 10), dtype=int)
+        errors[table.left, table.right], count[table.left, table.right] = table.errors, table.pairs
+        mlflow.log_figure(plots.digit_pair_heatmap(errors, count, title=f"{split}: error rate per (left, right) digit"),
+                          f"{folder}/digit_pair_errors.png")
     if table is not None:
         mlflow.log_table(table, f"{folder}/digit_pair_errors.json")
     mlflow.log_table(pd.DataFrame({"id": pairs.ids_or_index().astype(str), "label": pairs.y.astype(int),

@@ -8,6 +8,7 @@ ending the run KILLED.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -81,18 +82,18 @@ class TrackedRun:
 @contextlib.contextmanager
 def tracked_run(run_name: str, tags: dict, *, parent_run_id: str | None = None, description: str | None = None,
                 experiment_id: str | None = None, client: MlflowClient | None = None,
-                killed_by: tuple[type[BaseException], ...] = (),
+                finished_by: tuple[type[BaseException], ...] = (),
                 end_tags: Callable[[BaseException | None], dict] | None = None) -> Iterator[TrackedRun]:
-    """Every pairnet run's one lifecycle: open, describe, and end it FINISHED on success,
-    KILLED on SIGINT/SIGTERM (or an exception in ``killed_by``, e.g. a pruned trial), FAILED
-    on any other error: never left RUNNING.
+    """Every pairnet run's one lifecycle: open, describe, and end it FINISHED on success (or on
+    an exception in ``finished_by``, an expected end such as a pruned trial, which is re-raised),
+    KILLED on SIGINT/SIGTERM, FAILED on any other error: never left RUNNING.
 
     Without ``experiment_id`` the run is MLflow's active run (attached to MLFLOW_RUN_ID inside
     ``mlflow run``); with it the run is created through ``client`` and never becomes active,
     as a trial in a worker process needs. Every run is tagged with its owning process so that
     :func:`sweep_orphans` can end it if that process dies. ``end_tags(error)`` gives tags
-    logged just before the run ends; ``on_abort`` callbacks run first when it ends otherwise
-    than FINISHED, with further signals ignored.
+    logged just before the run ends; ``on_abort`` callbacks run first when it ends on an
+    exception, with further signals ignored.
     """
     client = client or MlflowClient()
     if description:  # the run's description in the UI, set with the other tags as the run opens
@@ -129,7 +130,11 @@ def tracked_run(run_name: str, tags: dict, *, parent_run_id: str | None = None, 
     try:
         with sigterm_raises():
             yield handle
-    except (KeyboardInterrupt, Terminated, *killed_by) as err:
+    except finished_by as err:  # an expected end that is not a failure (a pruned trial): FINISHED, tagged
+        with signals_ignored():
+            end("FINISHED", err)
+        raise
+    except (KeyboardInterrupt, Terminated) as err:
         with signals_ignored():
             end("KILLED", err)
         if isinstance(err, (KeyboardInterrupt, Terminated)):
@@ -154,11 +159,41 @@ def start_or_attach(run_name: str, tags: dict, parent_run_id: str | None = None)
         run = mlflow.start_run(run_name=run_name, tags=tags, nested=True, parent_run_id=parent_run_id,
                                log_system_metrics=True)
     else:
-        run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=True)
-        if run.info.run_name != run_name:
-            MlflowClient().set_tag(run.info.run_id, "mlflow.runName", run_name)
+        # The user's name wins: `pairnet ... --run-name` (PAIRNET_RUN_NAME), or the name
+        # `mlflow run --run-name` gave the run this process attaches to; else pairnet's own.
+        given = os.environ.get(RUN_NAME_ENV, "").strip()
+        attach = os.environ.get("MLFLOW_RUN_ID")
+        if not given and attach:  # read before start_run, which would rename the run
+            named = MlflowClient().get_run(attach).info.run_name
+            given = "" if generated_name(named) else named
+        run = mlflow.start_run(run_name=given or run_name, tags={**tags, **user_tags()}, log_system_metrics=True)
+        if run.info.run_name != (given or run_name):
+            MlflowClient().set_tag(run.info.run_id, "mlflow.runName", given or run_name)
         mark_training_experiment(run.info.experiment_id)
     return run.info.run_id
+
+
+RUN_NAME_ENV = "PAIRNET_RUN_NAME"  # the top-level run's name (`pairnet --run-name`)
+RUN_TAGS_ENV = "PAIRNET_RUN_TAGS"  # tags of the top-level run, a JSON object (`pairnet --tag k=v`)
+
+
+def user_tags() -> dict[str, str]:
+    text = os.environ.get(RUN_TAGS_ENV, "").strip()
+    return {str(k): str(v) for k, v in json.loads(text).items()} if text else {}
+
+
+def generated_name(name: str | None) -> bool:
+    """A name MLflow made up (``predicate-noun-123`` from its own word lists), not one a user gave."""
+    from mlflow.utils import name_utils
+
+    parts = (name or "").split("-")
+    if len(parts) != 3 or not parts[2].isdigit():
+        return False
+    predicates = getattr(name_utils, "_GENERATOR_PREDICATES", None)
+    nouns = getattr(name_utils, "_GENERATOR_NOUNS", None)
+    if predicates is None or nouns is None:  # another MLflow: the shape alone decides
+        return parts[0].isalpha() and parts[1].isalpha()
+    return parts[0] in predicates and parts[1] in nouns
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"

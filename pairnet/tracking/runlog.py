@@ -7,10 +7,8 @@ registers it, links the final metrics to the logged model and gates the champion
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -116,13 +114,10 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
         final.update(ablation)
         mlflow.log_metrics(ablation)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        plots.learning_curves(result.history, tmp / "learning_curves.png", title=f"{stage} {cfg.model_name}")
-        plots.confusion(splits.val.y, result.val_prob, tmp / "confusion_matrix.png")
-        (tmp / "final_metrics.json").write_text(json.dumps(
-            {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, **final}, indent=2))
-        mlflow.log_artifacts(str(tmp))
+    mlflow.log_figure(plots.learning_curves(result.history, title=f"{stage} {cfg.model_name}"), "learning_curves.png")
+    mlflow.log_figure(plots.confusion(splits.val.y, result.val_prob), "confusion_matrix.png")
+    mlflow.log_dict({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, **final},
+                    "final_metrics.json")
 
     info = log_pair_model(model, splits.val.x, registered_name=registered)
     # The final metrics belong to the logged model (MLflow 3 shows them on its page) and to val.

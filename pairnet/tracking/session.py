@@ -75,12 +75,18 @@ def resolve_namespace(experiment, proposed: str | None, client: MlflowClient) ->
 
 def use_current_namespace() -> str:
     """Set this process's namespace without creating anything (no experiment, no tag):
-    ``PAIRNET_NAMESPACE``, else the tag of the experiment ``MLFLOW_EXPERIMENT_NAME`` names (or
-    the ``pairnet`` experiment), else ``pairnet``."""
+    ``PAIRNET_NAMESPACE``, else the tag of the experiment this process is in (the run's inside
+    ``mlflow run``, else MLFLOW_EXPERIMENT_NAME's or MLFLOW_EXPERIMENT_ID's, else ``pairnet``'s),
+    else ``pairnet``."""
     found = os.environ.get(registry.NAMESPACE_ENV)
     if not found:
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        experiment = MlflowClient().get_experiment_by_name(name)
+        client = MlflowClient()
+        if os.environ.get("MLFLOW_RUN_ID"):
+            experiment = client.get_experiment(client.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
+        elif os.environ.get("MLFLOW_EXPERIMENT_NAME") or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        else:
+            experiment = client.get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"])
         found = (experiment.tags or {}).get(names.TAG_NAMESPACE) if experiment is not None else None
     registry.set_namespace(found or registry.DEFAULT_NAMESPACE)
     return registry.namespace()
