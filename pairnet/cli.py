@@ -248,8 +248,9 @@ JOBS_HELP = ("independent trainings at once, each in its own worker process and 
 
 
 def _add_train_args(p, stage: str) -> None:
-    p.add_argument("--preset", default="full", help="tiny (tests), quick (CPU demo) or full (the recipe); "
-                                                     "sets the values not given here")
+    p.add_argument("--preset", default="full", help="tiny (tests), quick (CPU demo) or full (the recipe; the "
+                                                     "default here, as the recipe's own stage; the pipeline's default "
+                                                     "is quick); sets the values not given here")
     p.add_argument("--data-dir", help="folder with pair files (default: <project>/data; made if empty)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_config_args(p, defaults=recipe_config(stage).flat(),
@@ -499,6 +500,10 @@ def _cmd_predict(args) -> int:
     from pairnet.predict import check_out_path, predict_file
     from pairnet.tracking.server import tracking_uri
 
+    from pairnet.paths import data_dir
+
+    args.data = args.data or str(data_dir() / "test_private.npz")
+    args.out = args.out or str(data_dir() / "predictions.csv")
     check_overwrite(check_out_path(args.out, args.data), "predict", args.force)  # before the server or the model
     model = args.model
     if not model or model.startswith(("models:/", "runs:/")):
@@ -564,7 +569,7 @@ def _add_stack(sub) -> None:
     p.add_argument("--models", default="", help="comma-separated models:/name@alias or models:/name/version "
                                                 "(default: the champion of every pairnet-* base model)")
     p.add_argument("--data-dir", help="folder with val, test_public and its labels (default: <project>/data)")
-    p.add_argument("--preset", default="full", help="sizes the default data if it must be made")
+    p.add_argument("--preset", default="full", help="sizes the default data if it must be made (default full)")
     p.add_argument("--n-folds", type=whole, default=5, help="folds of the out-of-fold accuracy on val (default 5)")
     p.add_argument("--seed", type=whole, default=42, help="seed of the folds and of LightGBM (default 42)")
     from pairnet.stacking import LgbmConfig
@@ -593,8 +598,10 @@ def _add_stack(sub) -> None:
     p.add_argument("--model", default="",
                    help="registered model to predict with (default: models:/<namespace>-stack@champion, the "
                         "namespace of the experiment MLFLOW_EXPERIMENT_NAME names; pairnet for the main job)")
-    p.add_argument("--data", required=True, help="pair file (.npz) to predict")
-    p.add_argument("--out", default="pred.csv", help="CSV to write, columns id,label (default pred.csv)")
+    p.add_argument("--data", default="", help="pair file (.npz) to predict (default <project>/data/test_private.npz, "
+                                              "as the MLproject entry point)")
+    p.add_argument("--out", default="", help="CSV to write, columns id,label (default <project>/data/predictions.csv, "
+                                             "as the MLproject entry point)")
     p.add_argument("--force", action="store_true",
                    help="write over an existing --out that is not this command's earlier output")
     p.set_defaults(func=_cmd_predict)
@@ -650,7 +657,8 @@ def _cmd_pipeline(args) -> int:
 
     out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
                                        pretrain_data_dir=args.pretrain_data_dir or None, pretrain=args.pretrain,
-                                       plan=args.plan, config_text=args.config_text))
+                                       plan=args.plan, tune_trials=args.tune_trials, from_study=args.from_study,
+                                       config_text=args.config_text))
     if args.plan:
         print(out["text"])
         return 0
@@ -697,6 +705,12 @@ def _add_pipeline(sub) -> None:
     p.add_argument("--plan", action="store_true",
                    help="print every step (what it trains, on how many pairs, epochs, reused or not) and its "
                         "estimated time on this machine, from a short probe of its speed; trains and writes nothing")
+    p.add_argument("--tune-trials", type=whole, default=0,
+                   help="run an Optuna study of lr and weight decay on the folder first (this many trials, nested "
+                        "in the pipeline run); the base models take the best trial's values (default 0: none)")
+    p.add_argument("--from-study", default="",
+                   help="take lr and weight decay from the best trial of this existing Optuna study instead "
+                        "(the folder's default storage, as `pairnet tune --data-dir` uses)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)

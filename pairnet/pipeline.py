@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from pairnet import names, plan
 from pairnet.data.generate import (FILES, GENERATOR_VERSION, LABELS_CSV, SIZES, GenConfig, check_may_fill,
                                    ensure_dataset, has_pair_files, make_dataset)
-from pairnet.errors import PairnetError
+from pairnet.errors import PairnetError, PairnetRuntimeError
 from pairnet.fsutil import folder_lock
 from pairnet.paths import PACKAGE_DIR, default_set_dir
 from pairnet.presets import build_config, check_preset
@@ -97,6 +97,10 @@ class PipelineRequest:
     # tower, every model from scratch on the folder's own labels (a course that forbids outside data)
     pretrain: str = "default"
     plan: bool = False  # print the steps and their estimates; train and write nothing
+    # An Optuna study of lr and weight decay on the folder before the base models, which then take
+    # the best trial's values: tune_trials new trials, or from_study, an existing study's best.
+    tune_trials: int = 0
+    from_study: str = ""
 
 
 def code_version() -> str:
@@ -180,6 +184,10 @@ def run_pipeline(req: PipelineRequest) -> dict:
         if req.pretrain == "none":
             raise PairnetError("pretrain=none trains no tower: drop pretrain_data_dir, or use pretrain=default")
         check_data_dir(req.pretrain_data_dir)
+    if isinstance(req.tune_trials, bool) or not isinstance(req.tune_trials, int) or req.tune_trials < 0:
+        raise PairnetError(f"tune_trials must be a whole number >= 0 (got {req.tune_trials!r})")
+    if req.tune_trials and req.from_study:
+        raise PairnetError("give tune_trials (a new study) or from_study (an existing one), not both")
     pick_device(req.device)  # an unusable device fails before anything starts
     if req.plan:
         return _plan_only(req, preset, d)
@@ -318,16 +326,31 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
                 n = sizes["val"] + sizes.get("public", 0)
                 steps.append(plan.Step(f"zero-shot/{variant}", "zero_shot", "the tower as it is, scored on your "
                                        "val and test_public", n, seconds=plan.LOAD_S + n * speed.pair_s))
+    if req.tune_trials:  # each trial trains the first base model's config once
+        stage, variant, seed, init = recipe.models[0]
+        cfg, _, _ = step_config("tune", variant, seed, "models:/tower/1" if init else None, req.preset,
+                                splits is None or digit_labels(splits.train) is not None)
+        seconds = req.tune_trials * plan.train_seconds(cfg, sizes["train"], sizes["val"], 0,
+                                                       plan.measure(cfg, dev, keep=not req.plan))
+        steps.append(plan.Step(tune_label(req), "tune", f"Optuna: {req.tune_trials} trials of lr and weight decay "
+                               f"for {variant}", sizes["train"], cfg.epochs, reused=None, seconds=seconds))
+    elif req.from_study:
+        steps.append(plan.Step(tune_label(req), "tune", f"the best lr and weight decay of study {req.from_study}",
+                               reused=True))
+    tuning = bool(req.tune_trials or req.from_study)  # the base models' keys wait for the tuned values
     rows = [*recipe.models, *([recipe.twin] if recipe.twin else [])]
     bases: list[str | None] = []
     for stage, variant, seed, init in rows:
         init_uri = None
         if init:
             init_uri = f"models:/{registered_for('pretrain', init)}/{versions.get(init) or 'new'}"
+        known = (not init or versions.get(init)) and not (tuning and (stage, variant, seed, init) != recipe.twin)
         step, version = _train_plan((stage, variant, seed, init_uri), req, splits, sizes, code, env,
-                                    client if not init or versions.get(init) else None, dev, None,
+                                    client if known else None, dev, None,
                                     what=("fine-tune the tower" if init else "from scratch")
                                     + " on your train, judged on your val")
+        if tuning and not known and (not init or versions.get(init)):
+            step.reused = None  # reused when the tuning step is
         steps.append(step)
         bases.append(version)
     n_bases = len(recipe.models) + (len(recipe.towers) if recipe.beside else 0)
@@ -452,10 +475,16 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
                 if recipe.beside:  # the tower on the user's data, untouched
                     eta.start(f"zero-shot/{variant}")
                     rows.append(zero_shot_row(row, splits))
-        models = [*recipe.models, *([recipe.twin] if recipe.twin else [])]
+        tuned = {}
+        if req.tune_trials or req.from_study:
+            eta.start(tune_label(req))
+            tuned = _tune_step(req, recipe, pretrained, splits, code, env, client, parent, reused)
+        # The base models take the tuned values; the twin, a reference, keeps the preset's.
         trained = _train_steps([(stage, variant, seed, pretrained[init] if init else None)
-                                for stage, variant, seed, init in models],
-                               req, splits, code, env, client, parent, reused, eta=eta)
+                                for stage, variant, seed, init in recipe.models],
+                               req, splits, code, env, client, parent, reused, tuned or None, eta=eta)
+        if recipe.twin:
+            trained += _train_steps([recipe.twin], req, splits, code, env, client, parent, reused, eta=eta)
         rows += trained
         # The from-scratch twin is a reference row, not a base model. A tower pretrained on other
         # data (the default set, for a folder without digit labels) is one: untouched by the
@@ -491,6 +520,47 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
     ui = experiment_url(uri, client.get_run(parent).info.experiment_id)
     return {"run_id": parent, "table": table, "reused": reused, "ui": ui, "predictions": str(pred_path),
             "ships": model_uri(ship), "eta_seconds": plan.total(steps), "plan": steps}
+
+
+def tune_label(req: PipelineRequest) -> str:
+    return f"tune/{req.from_study}" if req.from_study else f"tune/{registry.namespace()}-pipeline-{req.preset}"
+
+
+def _tune_step(req: PipelineRequest, recipe: Recipe, pretrained: dict, splits, code: str, env: dict,
+               client: MlflowClient, parent: str, reused: list) -> dict:
+    """lr and weight decay for the base models: an existing study's best trial (``from_study``),
+    or a study of ``tune_trials`` trials nested in the pipeline run, reused by step key like any
+    step. The trials train the first base model's variant as the base models will: from the
+    tower when there is one, else from scratch."""
+    from pairnet.tune import TuneRequest, best_of_study, run_tune
+
+    variant, init = recipe.models[0][1], recipe.models[0][3]
+    tower = pretrained[init] if init else ""
+    if req.from_study:
+        best = best_of_study(TuneRequest(study_name=req.from_study, data_dir=str(splits.data_dir), preset=req.preset))
+        log.info("step tune: the best trial (%d, val acc %.4f) of study %s: lr %.2e, weight decay %.2e",
+                 best["trial"], best["value"], best["study"], best["lr"], best["weight_decay"])
+        mlflow.log_params({"pipeline.from_study": req.from_study, "pipeline.tuned_lr": best["lr"],
+                           "pipeline.tuned_weight_decay": best["weight_decay"]})
+        return {"lr": best["lr"], "weight_decay": best["weight_decay"]}
+    study = tune_label(req).removeprefix("tune/")
+    key = step_key("tune", {"trials": req.tune_trials, "study": study, "model": variant, "init_from": tower,
+                            "preset": req.preset}, code, reads_digest(splits.data_dir, TRAIN_READS), env)
+    done = find_finished(key, client)
+    if done is not None and "best_lr" in done.data.params:
+        log.info("step %s: reused run %s", tune_label(req), done.info.run_id)
+        reused.append(tune_label(req))
+        best = {"lr": float(done.data.params["best_lr"]), "weight_decay": float(done.data.params["best_weight_decay"])}
+    else:
+        out = run_tune(TuneRequest(model_name=variant, preset=req.preset, n_trials=req.tune_trials, study_name=study,
+                                   data_dir=str(splits.data_dir), device=req.device, init_from=tower,
+                                   parent_run_id=parent, tags={names.TAG_STEP_KEY: key}))
+        if "best_params" not in out:
+            raise PairnetRuntimeError(f"study {study} ended without a complete trial; nothing to tune the base models "
+                                      "with (more tune_trials, or from_study)")
+        best = {"lr": out["best_params"]["lr"], "weight_decay": out["best_params"]["weight_decay"]}
+    mlflow.log_params({"pipeline.tuned_lr": best["lr"], "pipeline.tuned_weight_decay": best["weight_decay"]})
+    return best
 
 
 def _stack_step(base: list[dict], d: Path, req: PipelineRequest, code: str, env: dict, client: MlflowClient,

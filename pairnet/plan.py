@@ -73,6 +73,7 @@ class Speed:
 
 
 _SPEEDS: dict[tuple, Speed] = {}
+_KEPT: set[tuple] = set()  # speeds in the state folder's speeds.json
 
 
 def _random_pairs(n: int, rng: np.random.Generator, digits: bool) -> PairSet:
@@ -102,10 +103,14 @@ def measure(cfg: TrainConfig, device: torch.device, keep: bool = True) -> Speed:
            cfg.batch_size, cfg.eval_batch_size, cfg.amp, cfg.aux_digit_weight > 0, cfg.augment, str(device),
            torch.get_num_threads())
     if key in _SPEEDS:
+        if keep and key not in _KEPT:  # probed by a --plan in this process: kept now
+            _store(_disk_key(key), _SPEEDS[key])
+            _KEPT.add(key)
         return _SPEEDS[key]
     stored = _stored().get(_disk_key(key))
     if stored:
         _SPEEDS[key] = Speed(*stored)
+        _KEPT.add(key)
         return _SPEEDS[key]
     rng = np.random.default_rng(0)
     aux = cfg.aux_digit_weight > 0
@@ -132,6 +137,7 @@ def measure(cfg: TrainConfig, device: torch.device, keep: bool = True) -> Speed:
     _SPEEDS[key] = speed
     if keep:
         _store(_disk_key(key), speed)
+        _KEPT.add(key)
     return speed
 
 

@@ -104,6 +104,8 @@ class TuneRequest:
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 30  # seconds without a heartbeat before a trial counts as dead (FAIL, re-queued)
     config_text: str = ""  # the --config file as given, logged as the parent's config.yaml
+    parent_run_id: str | None = None  # the study run nested under this run (the pipeline's)
+    tags: dict | None = None  # more tags on the study run (the pipeline's step key)
 
     def validate(self) -> "TuneRequest":
         for name, lo, hi in (("lr", self.lr_low, self.lr_high), ("weight_decay", self.wd_low, self.wd_high)):
@@ -364,12 +366,13 @@ def run_tune(req: TuneRequest) -> dict:
     study = make_study(req, storage)
     before = len(study.trials)
     tags = {names.TAG_STAGE: "tune", names.TAG_MODEL: req.model_name, "optuna.study": req.study_name,
-            "optuna.storage": mask_url(url)}
+            "optuna.storage": mask_url(url), **(req.tags or {})}
     what = f"Optuna study {req.study_name}: {req.n_trials} trials of lr and weight decay for {req.model_name}"
-    with tracked_run(f"tune/{req.study_name}", tags, description=what) as run:
+    with tracked_run(f"tune/{req.study_name}", tags, description=what, parent_run_id=req.parent_run_id) as run:
         parent = run.run_id
         experiment_id = MlflowClient().get_run(parent).info.experiment_id
-        mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items() if k not in ("storage", "config_text")})
+        mlflow.log_params({f"tune.{k}": v for k, v in asdict(req).items()
+                           if k not in ("storage", "config_text", "parent_run_id", "tags")})
         log_config_file(req.config_text)
         mlflow.log_param("tune.storage", mask_url(url))  # never log credentials
         if req.n_workers == 1:
@@ -502,3 +505,20 @@ def _log_plots(study: optuna.Study) -> None:
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
         mlflow.log_figure(fig, f"optuna/{name}")
         plt.close(fig)
+
+
+def best_of_study(req: TuneRequest) -> dict:
+    """The best complete trial's lr and weight decay in an existing study (``--from-study``),
+    without running a trial; one line when the study or a complete trial is missing."""
+    storage = open_storage(req)
+    try:
+        study = optuna.load_study(study_name=req.study_name, storage=storage)
+    except KeyError:
+        raise PairnetError(f"no Optuna study '{req.study_name}' in {mask_url(req.storage_url())}; run `pairnet tune "
+                           f"--study-name {req.study_name}` first, or give tune_trials") from None
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise PairnetError(f"Optuna study '{req.study_name}' has no complete trial yet")
+    best = max(complete, key=lambda t: t.value)
+    return {"lr": best.params["lr"], "weight_decay": best.params["weight_decay"], "value": best.value,
+            "trial": best.number, "study": req.study_name}

@@ -100,6 +100,19 @@ def test_the_main_job_then_a_folder_share_only_the_towers(mlflow_server, tmp_pat
     assert main(["stack", "--data-dir", str(folder), "--preset", "tiny"]) == 0
     assert "course-2026-stack v" in capsys.readouterr().out
 
+    # What ships: the stack only when its out-of-fold val is above every base model's val (the
+    # zero-shot tower included); else the best of those. The ladder marks it, the run names it.
+    bases = [r for r in course["table"] if r["model"].endswith(" (zero-shot)")
+             or (r["stage"] in ("stage1", "stage2", "stage3") and not r["model"].endswith(" (from scratch)"))]
+    stack = course["table"][-1]
+    top = max(r["val_acc"] for r in bases)
+    shipped = [r for r in course["table"] if r["ships"]]
+    if stack["val_acc"] > top:
+        assert shipped == [stack]
+    else:  # one of the best (tiny models tie often)
+        assert len(shipped) == 1 and shipped[0] in bases and shipped[0]["val_acc"] == top
+    assert client.get_run(course["run_id"]).data.tags["pairnet.ships"] == course["ships"]
+
     # The submission: the model the pipeline shipped, checked, and never over a file it did not write.
     sub = tmp_path / "submission.csv"
     assert main(["submit", "--data-dir", str(folder), "--out", str(sub)]) == 0
@@ -182,3 +195,32 @@ def test_experiment_run_name_and_tags_from_the_command_line(mlflow_server, tiny_
     assert "MLFLOW_EXPERIMENT_NAME" not in os.environ and "PAIRNET_RUN_NAME" not in os.environ  # put back
     assert main(["stage2", "--preset", "tiny", "--data-dir", str(tiny_data), "--tag", "no-equals-sign"]) == 2
     assert "--tag 'no-equals-sign' must look like KEY=VALUE" in capsys.readouterr().err
+
+
+def test_tuning_feeds_the_base_models_and_is_reused(mlflow_server, tmp_path, monkeypatch, capsys):
+    folder = user_folder(tmp_path / "tuned", seed=41)
+    monkeypatch.setenv("PAIRNET_DATA_DIR", str(tmp_path / "own"))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "it-tuned")
+    req = dict(preset="tiny", data_dir=str(folder), device="cpu", pretrain="none")
+    first = run_pipeline(PipelineRequest(**req, tune_trials=2))
+    client = MlflowClient()
+    runs = _runs("it-tuned")
+    (study,) = [r for r in runs if r.data.tags.get(names.TAG_STAGE) == "tune" and names.TAG_PARENT in r.data.tags
+                and r.data.tags[names.TAG_PARENT] == first["run_id"]]
+    assert names.TAG_STEP_KEY in study.data.tags and study.info.status == "FINISHED"
+    best_lr, best_wd = float(study.data.params["best_lr"]), float(study.data.params["best_weight_decay"])
+    bases = [r for r in runs if r.data.tags.get(names.TAG_PARENT) == first["run_id"]
+             and r.data.tags.get(names.TAG_STAGE) in ("stage2", "stage3")]
+    assert len(bases) == 2
+    assert all(float(r.data.params["cfg.lr"]) == pytest.approx(best_lr) for r in bases)
+    assert all(float(r.data.params["cfg.weight_decay"]) == pytest.approx(best_wd) for r in bases)
+    again = run_pipeline(PipelineRequest(**req, tune_trials=2))
+    assert "tune/tuned-pipeline-tiny" in again["reused"] and "stack" in again["reused"]
+    # An existing study: its best trial, no new trial; a missing one is one line.
+    run_pipeline(PipelineRequest(**req, from_study="tuned-pipeline-tiny"))
+    assert len([r for r in _runs("it-tuned") if r.data.tags.get(names.TAG_STAGE) == "tune"
+                and "optuna.trial_number" in r.data.tags]) == 2
+    assert client.get_run(first["run_id"]).data.params["pipeline.tuned_lr"] == study.data.params["best_lr"]
+    assert main(["pipeline", "--preset", "tiny", "--data-dir", str(folder), "--pretrain", "none",
+                 "--from-study", "nosuch"]) == 2
+    assert "no Optuna study 'nosuch'" in capsys.readouterr().err
