@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from pairnet.errors import PairnetError
 from pairnet.tracking import registry
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _versions(name: str, figures: list[tuple[float, str]]) -> list[str]:
@@ -80,8 +80,11 @@ def test_a_gain_inside_one_standard_error_keeps_the_champion(mlflow_server, monk
 GATE_ONE = textwrap.dedent("""
     import sys, time
     from pairnet.tracking import registry
-    name, version, acc, start = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-    time.sleep(max(0.0, start - time.time()))  # both gates start together, whatever their imports took
+    from pathlib import Path
+    name, version, acc, ready, go = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+    ready.touch()
+    while not go.exists():  # both gates start together, whatever their imports took
+        time.sleep(0.02)
     # The champion was judged on other val data: the gate evaluates it here, slowly, so that two
     # gates without a lock would both read the old champion before either moves the alias, and the
     # weaker newcomer's gate (slower still) would move it last.
@@ -93,16 +96,21 @@ GATE_ONE = textwrap.dedent("""
 """)
 
 
-def test_two_processes_gating_one_name_leave_one_consistent_champion(mlflow_server):
+def test_two_processes_gating_one_name_leave_one_consistent_champion(mlflow_server, tmp_path):
     name = "pairnet-gate-race"
     v1, v2, v3 = _versions(name, [(0.60, "A"), (0.90, "B"), (0.75, "B")])
     assert v1 == "1"
     registry.promote(name, v1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-    start = time.time() + 15
-    procs = [subprocess.Popen([sys.executable, "-c", GATE_ONE, name, v, str(acc), str(start)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for v, acc in ((v2, 0.90), (v3, 0.75))]
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready-{v}" for v in (v2, v3)]
+    procs = [subprocess.Popen([sys.executable, "-c", GATE_ONE, name, v, str(acc), str(r), str(go)], env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for (v, acc), r in zip(((v2, 0.90), (v3, 0.75)), ready, strict=True)]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     # Whichever gated first, the best version ends champion: 0.90 beats both 0.60 and 0.75 by

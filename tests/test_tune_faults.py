@@ -93,7 +93,9 @@ def test_signal_ends_every_run_killed(mlflow_server, tiny_data, tmp_path, sig, w
     experiment = f"it-tune-signal-{sig}-{workers}"
     client = MlflowClient()
     log_path = tmp_path / "tune.log"
-    cmd = _tune(tiny_data, storage, "t", "--epochs", "200", "--n-trials", "2", "--n-workers", str(workers))
+    # Trials far longer than any wait for them to start: the signal always lands mid-trial, however
+    # loaded the cores are (at 200 epochs a loaded CI run once finished both trials first).
+    cmd = _tune(tiny_data, storage, "t", "--epochs", "20000", "--n-trials", "2", "--n-workers", str(workers))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=user_env(mlflow_server, experiment), stdout=log, stderr=subprocess.STDOUT)
     _running_trials(client, experiment, proc, want=workers)
