@@ -126,12 +126,17 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _outputs() -> dict:
+def read_state_json(name: str) -> dict:
+    """A JSON object pairnet keeps in its state folder; {} when missing, unreadable or not an object."""
     try:
-        found = json.loads((state_dir() / OUTPUTS).read_text())
+        found = json.loads((state_dir() / name).read_text())
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
+
+
+def _outputs() -> dict:
+    return read_state_json(OUTPUTS)
 
 
 def check_overwrite(out: str | Path, command: str, force: bool) -> Path:

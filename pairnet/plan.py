@@ -26,7 +26,7 @@ import torch
 from pairnet.data.generate import GenConfig, base_scans, make_split, split_pools
 from pairnet.data.pairs import PairSet
 from pairnet.device import amp_dtype
-from pairnet.fsutil import LOCK_SUFFIX, file_lock, write_text
+from pairnet.fsutil import LOCK_SUFFIX, file_lock, read_state_json, write_text
 from pairnet.paths import state_dir
 from pairnet.models import create_model
 from pairnet.train.config import TrainConfig
@@ -151,11 +151,7 @@ def _disk_key(key: tuple) -> str:
 
 
 def _stored() -> dict:
-    try:
-        found = json.loads((state_dir() / SPEEDS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return read_state_json(SPEEDS_FILE)
 
 
 def _store(key: str, speed: Speed) -> None:
