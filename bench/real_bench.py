@@ -3,7 +3,7 @@
 1. The tower: pretrained on the default data exactly as the pipeline's quick pretrain step
    does (``build_config("pretrain", "quick", ...)``, the default quick set at seed 42, a digit
    head, ``fit``), or fetched with ``--init-from models:/...`` (needs MLFLOW_TRACKING_URI).
-   ``--tower PATH`` saves it after pretraining and reuses it on later calls.
+   ``--tower PATH`` saves it (pretrained or fetched) and reuses it on later calls.
 2. Real pairs (``--pairs``, e.g. ../shared/realdev/real_dev.npz), read by path only, split
    into stratified folds. On each held-out fold three figures:
    - zero_shot: the pretrained model's pair output, no training on real pairs;
@@ -23,7 +23,7 @@
 
 Usage: python bench/real_bench.py --pairs ../shared/realdev/real_dev.npz [--folds 5]
        [--half choose|report|all] [--train-from folds|choose-half]
-       [--init-from URI | --tower PATH] [--epochs N] [--select last|inner] [--ft key=value]
+       [--init-from URI | --tower PATH] [--epochs N] [--select last|inner] [--ft key=value] [--tta]
 Last line: a JSON object of the figures.
 """
 
@@ -45,7 +45,8 @@ from pairnet.data.pairs import PairSet, load_pairs
 from pairnet.models import create_model
 from pairnet.models.transfer import copy_matching
 from pairnet.presets import build_config
-from pairnet.train import fit, pick_device
+from pairnet.tta import mean_over_shifts
+from pairnet.train import fit, pick_device, predict_proba
 from pairnet.train.loop import Callback, amp_dtype, evaluate
 
 # The settings each arm reports in the JSON.
@@ -111,7 +112,9 @@ def pretrain(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
 
 
 def load_tower(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
-    """From --init-from, from a saved --tower file, or pretrained here (and saved to --tower)."""
+    """From --init-from, from a saved --tower file, or pretrained here; saved to --tower when it
+    came from elsewhere."""
+    tower = Path(args.tower) if args.tower else None
     if args.init_from:
         from pairnet.tracking.init_from import fetch_init_source
 
@@ -119,15 +122,15 @@ def load_tower(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
         kwargs = {k: v for k, v in source.spec.items() if k not in ("name", "builder")}
         model = create_model(source.spec["name"], **kwargs)
         model.load_state_dict(source.state)
-        return model, {"source": source.uri, "run_id": source.run_id, "val_acc": None, "seconds": 0.0}
-    tower = Path(args.tower) if args.tower else None
-    if tower is not None and tower.exists():
+        info = {"source": source.uri, "run_id": source.run_id, "val_acc": None, "seconds": 0.0}
+    elif tower is not None and tower.exists():
         saved = torch.load(tower, map_location="cpu", weights_only=True)
         kwargs = {k: v for k, v in saved["spec"].items() if k not in ("name", "builder")}
         model = create_model(saved["spec"]["name"], **kwargs)
         model.load_state_dict(saved["state"])
         return model, {**json.loads(saved["info"]), "source": f"{tower} (saved earlier)"}
-    model, info = pretrain(args, dev)
+    else:
+        model, info = pretrain(args, dev)
     if tower is not None:
         tower.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "spec": model.spec,
@@ -172,8 +175,12 @@ def train_arm(cfg, source: torch.nn.Module | None, train: PairSet, select: str, 
     return model
 
 
-def acc(model, pairs: PairSet, dev, amp) -> float:
-    return float(evaluate(model, pairs.x, pairs.y, device=dev, amp=amp)["val_acc"])
+def acc(model, pairs: PairSet, dev, amp, tta: bool = False) -> float:
+    """Pair accuracy; ``tta``: of the mean probability over the test-time shifts (pairnet.tta)."""
+    if not tta:
+        return float(evaluate(model, pairs.x, pairs.y, device=dev, amp=amp)["val_acc"])
+    prob = mean_over_shifts(lambda x: predict_proba(model, x, device=dev, amp=amp), pairs.x)
+    return float(np.mean((prob > 0.5) == (pairs.y == 1)))
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -198,6 +205,8 @@ def main() -> None:
     ap.add_argument("--zero-shot-only", action="store_true", help="only the zero-shot figures (a cheap filter)")
     ap.add_argument("--pt", action="append", default=[], help="TrainConfig override key=value of the pretraining")
     ap.add_argument("--ft", action="append", default=[], help="TrainConfig override key=value of the fine-tuned arm")
+    ap.add_argument("--tta", action="store_true", help="also score every arm by the mean over test-time shifts "
+                    "(pairnet.tta): the figures *_tta_acc beside the plain ones")
     ap.add_argument("--arms", default="finetuned,scratch", help="trained arms to run (comma-separated)")
     ap.add_argument("--half", default="all", choices=("choose", "report", "all"),
                     help="choose: the even rows; report: the odd rows; all: every row (default all)")
@@ -223,11 +232,15 @@ def main() -> None:
     configs = {arm: cfg for arm, cfg in configs.items() if arm in args.arms.split(",")}
     folds = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
     per_fold: dict[str, list[float]] = {"zero_shot": [], "finetuned": [], "scratch": []}
+    if args.tta:
+        per_fold.update({"zero_shot_tta": [], "finetuned_tta": [], "scratch_tta": []})
     arm_seconds = {"finetuned": 0.0, "scratch": 0.0}
     trained_once = {}  # --train-from choose-half: one model per arm, from the choosing half
     for k, (train_idx, test_idx) in enumerate(folds.split(real.x, real.y)):
         train, test = subset(real, train_idx, f"fold{k}-train"), subset(real, test_idx, f"fold{k}-test")
         per_fold["zero_shot"].append(round(acc(pretrained, test, dev, amp), 4))
+        if args.tta:
+            per_fold["zero_shot_tta"].append(round(acc(pretrained, test, dev, amp, tta=True), 4))
         if not args.zero_shot_only:
             for arm, cfg in configs.items():
                 t = time.perf_counter()
@@ -239,6 +252,8 @@ def main() -> None:
                         trained_once[arm] = train_arm(cfg, source, outside, args.select, 0, dev)
                     model = trained_once[arm]
                 per_fold[arm].append(round(acc(model, test, dev, amp), 4))
+                if args.tta:
+                    per_fold[f"{arm}_tta"].append(round(acc(model, test, dev, amp, tta=True), 4))
                 arm_seconds[arm] += time.perf_counter() - t
         print(f"fold {k}: " + "  ".join(f"{arm} {v[-1]:.4f}" for arm, v in per_fold.items() if v))
 
@@ -246,7 +261,7 @@ def main() -> None:
            "trained_on": ("the whole choosing half (the even rows)" if outside is not None
                           else f"the other folds of the {args.half} half"),
            "fold_seed": args.fold_seed, "select": args.select, "device": str(dev),
-           "zero_shot_all_acc": round(acc(pretrained, real, dev, amp), 4)}
+           "zero_shot_all_acc": round(acc(pretrained, real, dev, amp), 4), "tta": args.tta}
     for arm, values in per_fold.items():
         if values:
             out[f"{arm}_acc"], out[f"{arm}_std"] = summary(values)

@@ -242,6 +242,8 @@ def config_values(args, config_cls: type[Config] = TrainConfig, prefix: str = ""
             if getattr(args, name, None) is not None}
 
 
+TTA_HELP = ("test-time shifts: each pair's probability is the mean over five views (as given, and both halves "
+            "moved one pixel up, down, left or right)")
 DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)"
 JOBS_HELP = ("independent trainings at once, each in its own worker process and child run: round-robin over "
              "the visible GPUs, or the CPU cores split between workers (default 1)")
@@ -378,12 +380,13 @@ def _cmd_models(args) -> int:
         print("no registered pairnet models yet")
         return 0
     width = max(len(r["name"]) for r in rows)
-    # val_acc and the champion's figure at the gate were measured on the same val data (val data).
-    print(f"{'name':{width}s}  version  aliases    val_acc   val data          champion then")
+    # val_acc: the best epoch on the val selection part; gate_acc and the champion's figure at the
+    # gate: on the same gate part of val (its digest), which nothing was chosen on.
+    print(f"{'name':{width}s}  version  aliases    val_acc   gate_acc  gate part         champion then")
     for r in rows:
-        champ = (f"{_short(r['champion_val_acc'])} {r['champion_compared']}" if r["champion_val_acc"] else "-")
+        champ = (f"{_short(r['champion_gate_acc'])} {r['champion_compared']}" if r["champion_gate_acc"] else "-")
         print(f"{r['name']:{width}s}  {r['version']:7d}  {r['aliases'] or '-':9s}  {_short(r['val_acc']) or '-':8s}  "
-              f"{r['val_digest'] or '-':16s}  {champ}")
+              f"{_short(r['gate_acc']) or '-':8s}  {r['gate_digest'] or '-':16s}  {champ}")
     return 0
 
 
@@ -514,17 +517,18 @@ def _cmd_predict(args) -> int:
 
         use_current_namespace()
         model = default_model()
-    n = predict_file(model, args.data, args.out)
+    n = predict_file(model, args.data, args.out, args.tta)
     record_output(args.out, "predict")
-    print(f"wrote {n} predictions to {args.out} (model {model})")
+    print(f"wrote {n} predictions to {args.out} (model {model}{', test-time shifts' if args.tta else ''})")
     return 0
 
 
 def _cmd_submit(args) -> int:
     from pairnet.submit import submit
 
-    out = submit(args.data_dir, model=args.model, out=args.out, force=args.force)
-    print(f"wrote {out['rows']} predictions to {out['out']}: format checked")
+    out = submit(args.data_dir, model=args.model, out=args.out, force=args.force, tta=args.tta)
+    print(f"wrote {out['rows']} predictions to {out['out']}: format checked"
+          f"{', mean over test-time shifts' if out['tta'] else ''}")
     print(f"made by {out['model']}: {out['why']}")
     return 0
 
@@ -586,6 +590,8 @@ def _add_stack(sub) -> None:
     p.add_argument("--out", default="submission.csv", help="CSV to write, columns id,label (default submission.csv)")
     p.add_argument("--force", action="store_true",
                    help="write over an existing --out that is not this command's earlier output")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help=TTA_HELP + " (default: as the pipeline that shipped the model, else off)")
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("report", help="print the ladder of an experiment's newest pipeline run again; --html writes "
@@ -604,6 +610,7 @@ def _add_stack(sub) -> None:
                                              "as the MLproject entry point)")
     p.add_argument("--force", action="store_true",
                    help="write over an existing --out that is not this command's earlier output")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("check-submission", help="check a predictions CSV against a pair file")
@@ -658,7 +665,7 @@ def _cmd_pipeline(args) -> int:
     out = run_pipeline(PipelineRequest(preset=args.preset, data_dir=args.data_dir, device=args.device, jobs=args.jobs,
                                        pretrain_data_dir=args.pretrain_data_dir or None, pretrain=args.pretrain,
                                        plan=args.plan, tune_trials=args.tune_trials, from_study=args.from_study,
-                                       config_text=args.config_text))
+                                       tta=args.tta, config_text=args.config_text))
     if args.plan:
         print(out["text"])
         return 0
@@ -711,6 +718,9 @@ def _add_pipeline(sub) -> None:
     p.add_argument("--from-study", default="",
                    help="take lr and weight decay from the best trial of this existing Optuna study instead "
                         "(the folder's default storage, as `pairnet tune --data-dir` uses)")
+    p.add_argument("--tta", default="auto", choices=["auto", "true", "false"],
+                   help=TTA_HELP + ", for the towers' zero-shot rows and the predictions written; auto (default): "
+                                   "on for a folder without digit labels, where the towers read it zero-shot")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)

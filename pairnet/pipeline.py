@@ -39,6 +39,7 @@ from pairnet.stages import registered_for
 from pairnet.tracking.checkpoints import ARTIFACT_DIR
 from pairnet.tracking.server import tracking_uri
 from pairnet.tracking.session import setup_tracking
+from pairnet.tta import SHIFTS
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class PipelineRequest:
     # the best trial's values: tune_trials new trials, or from_study, an existing study's best.
     tune_trials: int = 0
     from_study: str = ""
+    # Test-time shifts (pairnet.tta) for the zero-shot rows and the predictions written: true,
+    # false, or auto (on where the towers read the folder zero-shot, i.e. a folder without digit labels)
+    tta: str = "auto"
 
 
 def code_version() -> str:
@@ -206,6 +210,7 @@ class Recipe:
     tower_set: GenConfig | None  # the default set made there when absent (None: the folder is given)
     tower_values: dict  # training values pretraining adds there
     beside: bool  # the towers learn on other data than the folder's: they get zero-shot rows and are stacked
+    tta: bool = False  # test-time shifts for the zero-shot rows and the predictions (PipelineRequest.tta)
 
 
 def decide(req: PipelineRequest, preset: dict, d: Path) -> Recipe:
@@ -214,7 +219,8 @@ def decide(req: PipelineRequest, preset: dict, d: Path) -> Recipe:
     scratch on the folder's own labels, and no twin (it would be the first model again)."""
     plan = PLANS[req.preset]
     if req.pretrain == "none":
-        return Recipe((), [(stage, v, seed, None) for stage, v, seed, _ in plan[:-1]], None, None, None, {}, False)
+        return Recipe((), [(stage, v, seed, None) for stage, v, seed, _ in plan[:-1]], None, None, None, {}, False,
+                      tta=req.tta == "true")
     if req.pretrain_data_dir:
         folder, gen, values = Path(req.pretrain_data_dir), None, {}
     elif not has_pair_files(d) or has_digit_labels(d):  # the default set (made in d if absent) or like it
@@ -225,8 +231,9 @@ def decide(req: PipelineRequest, preset: dict, d: Path) -> Recipe:
         # so the pretrain step's key, which hashes the files, finds a tower made from it before.
         folder, gen, values = default_set_dir(size), GenConfig(size=size, seed=req.seed), \
             preset["default_pretrain"]["pretrain"]
-    return Recipe(PRETRAIN[req.preset], plan[:-1], plan[-1], folder, gen, values,
-                  beside=folder.resolve() != d.resolve())
+    beside = folder.resolve() != d.resolve()
+    return Recipe(PRETRAIN[req.preset], plan[:-1], plan[-1], folder, gen, values, beside=beside,
+                  tta=req.tta == "true" or (req.tta == "auto" and beside))
 
 
 def has_digit_labels(d: Path) -> bool:
@@ -324,8 +331,10 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
                 cfg = build_config("pretrain", req.preset, {"model_name": variant})
                 speed = plan.measure(cfg, dev, keep=not req.plan)
                 n = sizes["val"] + sizes.get("public", 0)
+                shifts = len(SHIFTS) if recipe.tta else 1
                 steps.append(plan.Step(f"zero-shot/{variant}", "zero_shot", "the tower as it is, scored on your "
-                                       "val and test_public", n, seconds=plan.LOAD_S + n * speed.pair_s))
+                                       "val and test_public" + (" (mean over test-time shifts)" if recipe.tta else ""),
+                                       n, seconds=plan.LOAD_S + shifts * n * speed.pair_s))
     if req.tune_trials:  # each trial trains the first base model's config once
         stage, variant, seed, init = recipe.models[0]
         cfg, _, _ = step_config("tune", variant, seed, "models:/tower/1" if init else None, req.preset,
@@ -367,9 +376,11 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
     steps.append(plan.Step("stack", "stack", f"LightGBM over {n_bases} base models, 5-fold CV on val", scored,
                            reused=stack_reused,
                            seconds=n_bases * (plan.LOAD_S + scored * pair_s) + plan.STEP_OVERHEAD_S))
-    steps.append(plan.Step("predict", "predict", "predictions_private.csv from the model that ships",
+    shifts = len(SHIFTS) if recipe.tta else 1
+    steps.append(plan.Step("predict", "predict", "predictions_private.csv from the model that ships"
+                           + (" (mean over test-time shifts)" if recipe.tta else ""),
                            sizes.get("private", 0), reused=None if stack_reused else False,
-                           seconds=n_bases * (plan.LOAD_S + sizes.get("private", 0) * pair_s)))
+                           seconds=n_bases * (plan.LOAD_S + shifts * sizes.get("private", 0) * pair_s)))
     return steps
 
 
@@ -443,7 +454,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         mlflow.set_tag(names.TAG_NAMESPACE, registry.namespace())
         mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code,
                            "pipeline.pretrain_data_dir": req.pretrain_data_dir or "",
-                           "pipeline.pretrain": req.pretrain})
+                           "pipeline.pretrain": req.pretrain, "pipeline.tta": recipe.tta})
         log_config_file(req.config_text)
         text = plan.render(steps, _plan_header(req, d, recipe))
         log.info("%s", text)
@@ -474,7 +485,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
                 pretrained[variant] = f"models:/{row['name']}/{row['version']}"
                 if recipe.beside:  # the tower on the user's data, untouched
                     eta.start(f"zero-shot/{variant}")
-                    rows.append(zero_shot_row(row, splits))
+                    rows.append(zero_shot_row(row, splits, recipe.tta))
         tuned = {}
         if req.tune_trials or req.from_study:
             eta.start(tune_label(req))
@@ -499,14 +510,14 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         ship = ship_choice(stack, base)
         eta.start("predict")
         pred_path = d / "predictions_private.csv"
-        key = predict_key(model_uri(ship), d, code, env)
+        key = predict_key(model_uri(ship), d, code, env, recipe.tta)
         done = find_finished(key, client)
         if done is not None and pred_path.exists() and \
                 done.data.tags.get(names.TAG_OUTPUT_DIGEST) == file_digest(pred_path):
             log.info("step predict: reused run %s (%s)", done.info.run_id, pred_path)
             reused.append("predict")
         else:
-            _run_predict_step(model_uri(ship), d, pred_path, parent, key)
+            _run_predict_step(model_uri(ship), d, pred_path, parent, key, recipe.tta)
 
         table = [{"model": r["name"] + _suffix(r), "version": r["version"], "stage": r["stage"],
                   "val_acc": r["val_acc"], "test_public_acc": r["test_public_acc"], "init_from": r["init_from"] or "",
@@ -600,19 +611,20 @@ def model_uri(row: dict) -> str:
 
 
 
-def zero_shot_row(pretrained: dict, splits) -> dict:
-    """The pretrained tower judged on the pipeline's own val and test_public, untrained on them."""
+def zero_shot_row(pretrained: dict, splits, tta: bool = False) -> dict:
+    """The pretrained tower judged on the pipeline's own val and test_public, untrained on them
+    (``tta``: by the mean over test-time shifts)."""
     uri = f"models:/{pretrained['name']}/{pretrained['version']}"
-    val, *rest = accuracies_on(uri, splits.val, *([splits.public] if splits.public is not None else []))
+    val, *rest = accuracies_on(uri, splits.val, *([splits.public] if splits.public is not None else []), tta=tta)
     public = rest[0] if rest else None
     mlflow.log_metrics({f"zero_shot_val_acc_{pretrained['model']}": val,
                         **({f"zero_shot_test_public_acc_{pretrained['model']}": public} if public is not None else {})})
-    return {**pretrained, "val_acc": val, "test_public_acc": public, "zero_shot": True}
+    return {**pretrained, "val_acc": val, "test_public_acc": public, "zero_shot": True, "tta": tta}
 
 
 def _suffix(row: dict) -> str:
     if row.get("zero_shot"):
-        return " (zero-shot)"
+        return " (zero-shot, shifts)" if row.get("tta") else " (zero-shot)"
     return "" if row["init_from"] or row["stage"] == "pretrain" else " (from scratch)"
 
 
@@ -650,8 +662,9 @@ def stack_key(uris: str, d: Path, code: str, env: dict) -> str:
     return step_key("stack", {"models": uris, "n_folds": 5}, code, reads_digest(d, STACK_READS), env)
 
 
-def predict_key(model_uri: str, d: Path, code: str, env: dict) -> str:
-    return step_key("predict", {"model": model_uri}, code, reads_digest(d, PREDICT_READS), env)
+def predict_key(model_uri: str, d: Path, code: str, env: dict, tta: bool = False) -> str:
+    return step_key("predict", {"model": model_uri, **({"tta": True} if tta else {})}, code,
+                    reads_digest(d, PREDICT_READS), env)
 
 
 def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, env: dict, client: MlflowClient,
@@ -735,13 +748,13 @@ def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:
         mlflow.log_dict(meta, "meta.json")
 
 
-def _run_predict_step(model_uri: str, d: Path, out: Path, parent: str, key: str) -> None:
+def _run_predict_step(model_uri: str, d: Path, out: Path, parent: str, key: str, tta: bool) -> None:
     from pairnet.predict import check_submission, predict_file
 
     with tracked_run("pipeline/predict", {names.TAG_STAGE: "predict", names.TAG_STEP_KEY: key}, parent_run_id=parent):
-        n = predict_file(model_uri, d / FILES["private"], out)
+        n = predict_file(model_uri, d / FILES["private"], out, tta)
         problems = check_submission(d / FILES["private"], out)
         mlflow.set_tag(names.TAG_OUTPUT_DIGEST, file_digest(out))
-        mlflow.log_params({"predict.model": model_uri, "predict.rows": n})
+        mlflow.log_params({"predict.model": model_uri, "predict.rows": n, "predict.tta": tta})
         mlflow.log_metric("submission_problems", float(len(problems)))
         mlflow.log_artifact(str(out))

@@ -10,6 +10,7 @@ import pandas as pd
 
 from pairnet.data.pairs import load_pairs, to_labels, write_labels_csv
 from pairnet.errors import PairnetError
+from pairnet.tta import mean_over_shifts
 
 def default_model() -> str:
     """The namespace's champion stack (``models:/<namespace>-stack@champion``)."""
@@ -25,8 +26,11 @@ def load_model(uri: str):
     return load_trusted(uri)
 
 
-def probabilities(model, x: np.ndarray) -> np.ndarray:
-    """Probability of label 1 from a base model (array) or the stack (DataFrame)."""
+def probabilities(model, x: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Probability of label 1 from a base model (array) or the stack (DataFrame); ``tta``: the
+    mean over the test-time shifts of each half (``pairnet.tta``)."""
+    if tta:
+        return mean_over_shifts(lambda shifted: probabilities(model, shifted), x)
     out = model.predict(x)
     if isinstance(out, pd.DataFrame):
         return out["probability"].to_numpy(dtype=np.float64)
@@ -47,12 +51,13 @@ def check_out_path(out: str | Path, *inputs: str | Path | None) -> Path:
     return out
 
 
-def predict_file(model_uri: str, data: str | Path, out: str | Path) -> int:
-    """Predict every pair of ``data`` (in batches) and write ``id,label`` to ``out`` atomically."""
+def predict_file(model_uri: str, data: str | Path, out: str | Path, tta: bool = False) -> int:
+    """Predict every pair of ``data`` (in batches; ``tta``: the mean over test-time shifts) and
+    write ``id,label`` to ``out`` atomically."""
     out = check_out_path(out, data)
     model = load_model(model_uri)  # a bad URI fails before the data is read
     pairs = load_pairs(data)
-    labels = to_labels(probabilities(model, pairs.x))
+    labels = to_labels(probabilities(model, pairs.x, tta))
     write_labels_csv(out, pairs.ids_or_index(), labels)
     return len(labels)
 

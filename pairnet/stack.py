@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from pairnet import names
 from pairnet.data.generate import FILES
 from pairnet.data.pairs import PairSet, load_pairs, to_labels, write_npz
-from pairnet.data.splits import check_data_dir, load_splits
+from pairnet.data.splits import check_data_dir, gate_mask, load_splits, val_parts
 from pairnet.errors import PairnetError
 from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, make_lgbm, meta_features
 from pairnet.tracking import registry
@@ -163,11 +163,15 @@ def run_stack(req: StackRequest) -> dict:
         x_val = meta_features([probs[b.key]["val"] for b in bases])
         x_pub = meta_features([probs[b.key]["public"] for b in bases])
 
+        gate_part = val_parts(val)[1]
         oof, folds = cross_validate(x_val, y_val, req.n_folds, req.seed, req.lgbm)
         cv_acc = accuracy(oof, y_val)
+        # The gate part of val: out-of-fold there too, and no base model chose anything on it.
+        gate_rows = gate_mask(len(y_val))
+        gate_acc = accuracy(oof[gate_rows], y_val[gate_rows])
         for i, acc in enumerate(folds, start=1):
             mlflow.log_metric("cv_fold_acc", acc, step=i)
-        mlflow.log_metrics({"cv_oof_acc": cv_acc, "cv_fold_acc_std": float(np.std(folds))})
+        mlflow.log_metrics({"cv_oof_acc": cv_acc, "cv_fold_acc_std": float(np.std(folds)), "gate_acc": gate_acc})
 
         meta = make_lgbm(req.seed, req.lgbm).fit(x_val, y_val)
         table = []
@@ -232,8 +236,8 @@ def run_stack(req: StackRequest) -> dict:
         decision = registry.register_and_gate(registry.stack_name(), version, cv_acc, parent, {
             "stage": "stack", "test_public_acc": f"{table[0]['test_public_acc']:.6f}",
             "base_models": ",".join(b.key for b in bases)[:5000],
-        }, val_digest=splits["val"].digest(), evaluate=lambda uri: accuracy_on(uri, splits["val"]),
-            val_n=len(splits["val"]),
+        }, val_digest=splits["val"].digest(),
+            gate=registry.GateFigure.on(gate_acc, gate_part, lambda uri: accuracy_on(uri, gate_part)),
             description=f"LightGBM over {', '.join(b.key for b in bases)}; data {digest}; "
                        f"val acc = 5-fold out-of-fold accuracy on val",
             model_description="pairnet stack: a LightGBM meta-learner over registered pairnet base models; input "

@@ -98,7 +98,7 @@ def train_tracked(cfg: TrainConfig, *, stage: str, splits: Splits, registered: s
         for row in (resume or {}).get("history", []):  # the killed run's curves continue here
             callback.on_epoch_end(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
         bar = EpochBar(cfg.epochs, run_name, start=len(resume["history"]) if resume else 0)
-        result = fit(model, splits.train, splits.val, cfg, device=dev, callbacks=[callback, bar],
+        result = fit(model, splits.train, splits.select, cfg, device=dev, callbacks=[callback, bar],
                      checkpoint_path=ckpt, resume=resume)
         distributed.log_final_weights(me, weights_digest(model))
         return log_outcome(model, result, cfg, splits, dev, stage=stage, registered=registered, run_id=run.run_id,
@@ -119,7 +119,7 @@ def train_replica(cfg: TrainConfig, data_dir, preset: str, device: str, me: dist
         model = model_from_spec(resume["spec"])
     else:  # rank 0's weights (fine-tuned ones included) arrive when DDP wraps the model
         model = create_model(cfg.model_name, digit_head=cfg.aux_digit_weight > 0, **cfg.model_overrides())
-    fit(model, splits.train, splits.val, cfg, device=pick_device(device), resume=resume)
+    fit(model, splits.train, splits.select, cfg, device=pick_device(device), resume=resume)
     distributed.log_final_weights(me, weights_digest(model))
 
 

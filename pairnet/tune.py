@@ -316,7 +316,7 @@ def _objective(req: TuneRequest, parent_run_id: str, experiment_id: str, splits=
             if source is not None:
                 copy_matching(model, source.state, source_spec=source.spec, source=source.uri)
             tracker.append(MlflowCallback(child, client, checkpoint_every=0))
-            result = fit(model, splits.train, splits.val, cfg, device=dev,
+            result = fit(model, splits.train, splits.select, cfg, device=dev,
                          callbacks=[tracker[0], PruneOnValAcc(trial)])
             # Every COMPLETE trial keeps its weights (under 4 MB even at the full preset): which
             # trial is best is only known when the study ends, perhaps in another invocation or
@@ -452,10 +452,12 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     info = log_pair_model(model, splits.val.x, registered_name=name)
     version = str(info.registered_model_version)
+    gate_acc = accuracy_on(f"models:/{name}/{version}", splits.gate)  # as a champion would be scored there
+    mlflow.log_metric("best_gate_acc", gate_acc)
     decision = registry.register_and_gate(name, version, best.value, trial_run, {
         "stage": "tune", "model": req.model_name, "optuna_study": study.study_name, "optuna_trial": best.number,
-        "optuna_trial_run": trial_run},
-        val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val), val_n=len(splits.val))
+        "optuna_trial_run": trial_run}, val_digest=splits.val.digest(),
+        gate=registry.GateFigure.on(gate_acc, splits.gate, lambda uri: accuracy_on(uri, splits.gate)))
     mlflow.set_tag(names.TAG_BEST_MODEL, f"models:/{name}/{version}")
     summary.update(registered=name, version=version, promoted=decision.promoted)
     return summary

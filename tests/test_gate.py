@@ -1,4 +1,4 @@
-"""The champion gate against a real registry: versions registered by hand with the figures
+"""The champion gate against a real registry: versions registered by hand with the gate figures
 their tags carry, so every decision is known before the gate makes it."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _versions(name: str, figures: list[tuple[float, str]]) -> list[str]:
-    """Register one version per (val_acc, val_digest) under ``name``, tagged as a stage would."""
+    """Register one version per (gate_acc, gate_digest) under ``name``, tagged as a stage would."""
     client = MlflowClient()
     client.create_registered_model(name)
     mlflow.set_experiment("it-gate-unit")
@@ -29,7 +29,7 @@ def _versions(name: str, figures: list[tuple[float, str]]) -> list[str]:
         with mlflow.start_run() as run:
             mlflow.log_text("weights", "model/placeholder.txt")
         mv = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-        registry.tag_version(name, mv.version, {"val_acc": f"{acc:.6f}", registry.VAL_DIGEST: digest}, client)
+        registry.tag_version(name, mv.version, {registry.GATE_ACC: f"{acc:.6f}", registry.GATE_DIGEST: digest}, client)
         out.append(str(mv.version))
     return out
 
@@ -49,11 +49,11 @@ def test_a_champion_that_cannot_be_evaluated_stays_champion(mlflow_server):
     def broken(uri):
         raise PairnetError(f"{uri}: the server hiccuped")
 
-    d = registry.champion_gate(name, v2, 0.99, val_digest="B", evaluate=broken, val_n=1000)
+    d = registry.champion_gate(name, v2, registry.GateFigure(0.99, "B", 1000, broken))
     assert not d.promoted and d.measured == "unloadable" and "could not be had" in d.reason
     assert _alias(name, "champion") == v1 and _alias(name, "challenger") == v2
     # A newcomer whose own figure is NaN never takes the alias either.
-    assert not registry.champion_gate(name, v2, float("nan"), val_digest="A", val_n=1000).promoted
+    assert not registry.champion_gate(name, v2, registry.GateFigure(float("nan"), "A", 1000)).promoted
     assert _alias(name, "champion") == v1
 
 
@@ -63,18 +63,41 @@ def test_a_gain_inside_one_standard_error_keeps_the_champion(mlflow_server, monk
     registry.promote(name, v1)
     se = (0.8 * 0.2 / 1000) ** 0.5  # 0.0126 on 1,000 pairs
     assert registry.gate_margin(0.80, 1000, 1.0) == pytest.approx(se)
-    d = registry.champion_gate(name, v2, 0.81, val_digest="A", val_n=1000)
-    assert not d.promoted and d.margin == pytest.approx(se) and d.champion_val_acc == pytest.approx(0.80)
+    d = registry.champion_gate(name, v2, registry.GateFigure(0.81, "A", 1000))
+    assert not d.promoted and d.margin == pytest.approx(se) and d.champion_acc == pytest.approx(0.80)
     assert _alias(name, "champion") == v1 and _alias(name, "challenger") == v2
-    d = registry.champion_gate(name, v3, 0.83, val_digest="A", val_n=1000)  # 3 points: 2.4 SE
+    d = registry.champion_gate(name, v3, registry.GateFigure(0.83, "A", 1000))  # 3 points: 2.4 SE
     assert d.promoted and _alias(name, "champion") == v3
     # The margin is the user's to set: 0 standard errors promotes any strict gain.
     monkeypatch.setenv(registry.MARGIN_SE_ENV, "0")
     registry.promote(name, v1)
-    assert registry.champion_gate(name, v2, 0.81, val_digest="A", val_n=1000).promoted
+    assert registry.champion_gate(name, v2, registry.GateFigure(0.81, "A", 1000)).promoted
     monkeypatch.setenv(registry.MARGIN_SE_ENV, "lots")
     with pytest.raises(PairnetError, match="PAIRNET_GATE_MARGIN_SE='lots' must be a number"):
-        registry.champion_gate(name, v3, 0.83, val_digest="A", val_n=1000)
+        registry.champion_gate(name, v3, registry.GateFigure(0.83, "A", 1000))
+
+
+def test_the_gate_judges_on_the_gate_part_not_on_the_figure_chosen_on(mlflow_server):
+    """A newcomer's val_acc is its best epoch on the val selection part (chosen on it); the gate
+    ignores it and compares figures on the gate part, where nothing was chosen."""
+    name = "pairnet-gate-selection"
+    client = MlflowClient()
+    (v1,) = _versions(name, [(0.80, "G")])
+    registry.promote(name, v1)
+    mlflow.set_experiment("it-gate-unit")
+    with mlflow.start_run() as run:
+        mlflow.log_text("weights", "model/placeholder.txt")
+    v2 = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id).version
+    with mlflow.start_run(run_id=run.info.run_id):
+        # A selected figure 15 points up, a gate figure one point down: the champion stays.
+        d = registry.register_and_gate(name, v2, 0.95, run.info.run_id, {}, gate=registry.GateFigure(0.79, "G", 2000),
+                                       val_digest="V")
+    assert not d.promoted and d.new_acc == 0.79 and d.champion_acc == pytest.approx(0.80)
+    mv = client.get_model_version(name, v2)
+    assert mv.tags["val_acc"] == "0.950000" and mv.tags[registry.GATE_ACC] == "0.790000"
+    assert mv.tags[registry.GATE_N] == "2000" and mv.tags[registry.CHAMPION_GATE_ACC] == "0.800000"
+    assert "gate part: 0.7900 <= champion" in mv.tags[registry.GATE_REASON]
+    assert _alias(name, "champion") == v1 and _alias(name, "challenger") == v2
 
 
 GATE_ONE = textwrap.dedent("""
@@ -92,7 +115,7 @@ GATE_ONE = textwrap.dedent("""
     def slow(uri):
         time.sleep(2.0 if acc > 0.8 else 4.0)
         return figures[uri]
-    print(registry.champion_gate(name, version, acc, val_digest="B", evaluate=slow, val_n=1000).promoted)
+    print(registry.champion_gate(name, version, registry.GateFigure(acc, "B", 1000, slow)).promoted)
 """)
 
 

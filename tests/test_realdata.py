@@ -15,11 +15,11 @@ from mlflow.tracking import MlflowClient
 from pairnet.cli import main
 from pairnet.data.generate import GenConfig, make_dataset
 from pairnet.data.pairs import load_pairs, write_npz
-from pairnet.data.splits import load_splits
+from pairnet.data.splits import load_splits, val_parts
 from pairnet.paths import default_set_dir
 from pairnet.pipeline import PipelineRequest, run_pipeline
 from pairnet.presets import PRESETS
-from pairnet.tracking.model import accuracy_on
+from pairnet.tracking.model import accuracies_on, accuracy_on
 from pairnet.tracking.registry import champion_version, gate_margin, promote
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -83,9 +83,15 @@ def test_a_digitless_folder_runs_end_to_end_from_a_tower_pretrained_on_the_defau
     assert pre.data.tags["pairnet.data_digest"] == splits.digest()
     rows = {r["model"]: r for r in first["table"]}
     # The ladder: the tower on the user's data before any fine-tuning, then the fine-tuned models.
-    zero = rows[f"{TOWER} (zero-shot)"]
+    # tta=auto: a folder without digit labels reads the tower with test-time shifts.
+    zero = rows[f"{TOWER} (zero-shot, shifts)"]
     assert zero["version"] == version
-    assert zero["val_acc"] == pytest.approx(accuracy_on(f"models:/{TOWER}/{version}", load_pairs(user / "val.npz")))
+    val = load_pairs(user / "val.npz")
+    assert zero["val_acc"] == pytest.approx(accuracies_on(f"models:/{TOWER}/{version}", val, tta=True)[0])
+    run = MlflowClient().get_run(first["run_id"])
+    assert run.data.params["pipeline.tta"] == "True"
+    (predict,) = [c for c in _children(first["run_id"]) if c.data.tags.get("pairnet.stage") == "predict"]
+    assert predict.data.params["predict.tta"] == "True"
     finetuned = [c for c in _children(first["run_id"]) if c.data.tags.get("pairnet.init_from")]
     assert len(finetuned) == 2
     assert {c.data.tags["pairnet.init_from"] for c in finetuned} == {f"models:/{TOWER}/{version}"}
@@ -119,9 +125,10 @@ def test_finetuning_starts_from_the_exact_pretrained_version_not_the_alias(user_
     assert len(rerun) == 2 and {c.data.tags["pairnet.init_from"] for c in rerun} == {f"models:/{TOWER}/{ours}"}
 
 
-def test_the_champion_gate_compares_on_the_new_versions_val_data(mlflow_server, tiny_data, tmp_path):
+def test_the_champion_gate_compares_on_the_new_versions_gate_part(mlflow_server, tiny_data, tmp_path):
     """A model trained on data A is champion; a model trained on data B is judged against the
-    champion's accuracy on B's val, measured at the gate and recorded on both versions."""
+    champion's accuracy on the gate part of B's val (every 5th pair, which no training chose on),
+    measured at the gate and recorded on both versions."""
     name = "pairnet-compare_cnn-seed77"
     other = user_folder(tmp_path / "b", seed=12)
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "it-fair-gate"
@@ -133,14 +140,23 @@ def test_the_champion_gate_compares_on_the_new_versions_val_data(mlflow_server, 
     client = MlflowClient()
     first, second = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))[-2:]
     val_b = load_pairs(other / "val.npz")
+    gate_b = val_parts(val_b)[1]
+    assert len(gate_b) == len(val_b) // 5 and np.array_equal(gate_b.x, val_b.x[4::5])
     assert first.tags["val_digest"] == load_pairs(tiny_data / "val.npz").digest()
     assert second.tags["val_digest"] == val_b.digest() != first.tags["val_digest"]
+    assert second.tags["gate_digest"] == gate_b.digest() != first.tags["gate_digest"]
     champ = client.get_model_version(name, first.version)  # champion when the second was gated
-    on_b = accuracy_on(f"models:/{name}/{first.version}", val_b)
-    assert float(champ.tags[f"val_acc_on.{val_b.digest()}"]) == pytest.approx(on_b, abs=1e-6)
-    assert float(second.tags["champion_val_acc"]) == pytest.approx(on_b, abs=1e-6)
-    assert second.tags["champion_compared"] == f"v{first.version} (evaluated on this val data)"
-    promoted = float(second.tags["val_acc"]) > on_b + gate_margin(on_b, len(val_b), 1.0)
+    on_b = accuracy_on(f"models:/{name}/{first.version}", gate_b)
+    assert float(champ.tags[f"gate_acc_on.{gate_b.digest()}"]) == pytest.approx(on_b, abs=1e-6)
+    assert float(second.tags["champion_gate_acc"]) == pytest.approx(on_b, abs=1e-6)
+    assert second.tags["champion_compared"] == f"v{first.version} (evaluated on this gate part)"
+    # The newcomer's own figure there: its registered weights on the gate part, not its best epoch.
+    mine = accuracy_on(f"models:/{name}/{second.version}", gate_b)
+    assert float(second.tags["gate_acc"]) == pytest.approx(mine, abs=1e-6)
+    promoted = mine > on_b + gate_margin(on_b, len(gate_b), 1.0)
+    params = client.get_run(second.run_id).data.params  # fit chose on the other 4 pairs in 5
+    assert int(params["data.n_val_gate"]) == len(gate_b)
+    assert int(params["data.n_val_select"]) == len(val_b) - len(gate_b)
     assert champion_version(name).version == (second.version if promoted else first.version)
     decision = client.get_run(second.run_id).data.tags["pairnet.champion_decision"]
     assert decision == ("promoted" if promoted else "kept")

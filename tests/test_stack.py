@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, _free_port, mlflow_run, user_env
 from pairnet.cli import main
 from pairnet.tracking.registry import gate_margin
-from pairnet.data.pairs import load_pairs
+from pairnet.data.pairs import load_pairs, to_labels
+from pairnet.tta import SHIFTS, shift_halves
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BASES = ["compare_cnn", "resnet_optimized", "resnet_fusion"]
@@ -70,13 +71,16 @@ def test_stack_run_metrics_baselines_lineage(stacked, tiny_data):
     # The gate keeps the best on this val data: another module's stack (another folder's val) may
     # be champion, and then its figure on this val, measured at the gate, is what counts.
     champion = client.get_model_version_by_alias("pairnet-stack", "champion")
-    before = mv.tags.get("champion_val_acc")  # absent when there was no champion to compare
-    margin = gate_margin(float(before), int(mv.tags["val_n"]), 1.0) if before is not None else 0.0
+    before = mv.tags.get("champion_gate_acc")  # absent when there was no champion to compare
+    margin = gate_margin(float(before), int(mv.tags["gate_n"]), 1.0) if before is not None else 0.0
+    # The stack's gate figure: its out-of-fold accuracy on the gate part of val (every 5th pair).
+    gate = np.arange(len(load_pairs(tiny_data / "val.npz"))) % 5 == 4
+    assert int(mv.tags["gate_n"]) == gate.sum() and float(mv.tags["gate_acc"]) == pytest.approx(m["gate_acc"], abs=1e-6)
     if champion.version == mv.version:
-        assert before is None or float(mv.tags["val_acc"]) > float(before) + margin
+        assert before is None or float(mv.tags["gate_acc"]) > float(before) + margin
     else:
         assert mv.tags["champion_compared"].startswith(f"v{champion.version} ")
-        assert float(before) + margin >= float(mv.tags["val_acc"])
+        assert float(before) + margin >= float(mv.tags["gate_acc"])
     # The stack's figures belong to its logged model too, under the base models' key.
     (output,) = run.outputs.model_outputs
     linked = {x.key: x.value for x in mlflow.get_logged_model(output.model_id).metrics}
@@ -130,6 +134,13 @@ def test_stack_pyfunc_predict_and_check_submission(stacked, tiny_data, tmp_path,
     df = pd.read_csv(pred)
     assert list(df.columns) == ["id", "label"] and len(df) == len(private)
     assert main(["check-submission", "--data", str(tiny_data / "test_private.npz"), "--pred", str(pred)]) == 0
+    # --tta: the labels of the mean stack probability over the five shifted views.
+    shifted = tmp_path / "pred_tta.csv"
+    assert main(["predict", "--tta", "--data", str(tiny_data / "test_private.npz"), "--out", str(shifted)]) == 0
+    assert "test-time shifts" in capsys.readouterr().out
+    views = [model.predict(shift_halves(private.x, dy, dx))["probability"].to_numpy() for dy, dx in SHIFTS]
+    expected = to_labels(np.mean(views, axis=0))
+    assert pd.read_csv(shifted)["label"].tolist() == expected.tolist()
 
     bad = {
         "missing": df.iloc[1:],

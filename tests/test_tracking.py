@@ -120,7 +120,7 @@ def test_mlflow_run_explicit_value_wins_over_the_preset(mlflow_server, tiny_data
 
 def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
     from pairnet.cli import main
-    from pairnet.tracking.registry import champion_gate, champion_version, gate_margin
+    from pairnet.tracking.registry import GateFigure, champion_gate, champion_version, gate_margin
 
     # Another test may already have registered (and crowned) a compare_cnn version.
     before = champion_version("pairnet-compare_cnn")
@@ -142,9 +142,9 @@ def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
     expected = before.version if before is not None else None
     for mv in (first, second):
         decision = client.get_run(mv.run_id).data.tags["pairnet.champion_decision"]
-        if "champion_val_acc" in mv.tags:
-            old = float(mv.tags["champion_val_acc"])
-            wins = float(mv.tags["val_acc"]) > old + gate_margin(old, int(mv.tags["val_n"]), 1.0)
+        if "champion_gate_acc" in mv.tags:
+            old = float(mv.tags["champion_gate_acc"])
+            wins = float(mv.tags["gate_acc"]) > old + gate_margin(old, int(mv.tags["gate_n"]), 1.0)
             assert mv.tags["champion_compared"].startswith(f"v{expected} ")
         else:
             wins = expected is None
@@ -153,7 +153,7 @@ def test_champion_gate_and_manual_promote(mlflow_server, tiny_data):
     assert champ.version == expected
     # The gate keeps a champion that is better than a newcomer, which becomes the challenger.
     loser = first if first.version != champ.version else second
-    decision = champion_gate("pairnet-compare_cnn", loser.version, -1.0)
+    decision = champion_gate("pairnet-compare_cnn", loser.version, GateFigure(-1.0, loser.tags["gate_digest"], 10))
     assert not decision.promoted and champion_version("pairnet-compare_cnn").version == champ.version
     assert client.get_model_version_by_alias("pairnet-compare_cnn", "challenger").version == loser.version
     # Manual promotion through the CLI, and a clear error for a missing version.

@@ -46,6 +46,12 @@ class PairSet:
             raise PairnetError(f"{self.source}: has no labels (no 'y' array and no labels CSV given)")
         return self.y
 
+    def subset(self, rows: np.ndarray, name: str) -> PairSet:
+        """The pairs at ``rows`` (indices or a boolean mask), every array cut alike."""
+        cut = lambda a: None if a is None else a[rows]  # noqa: E731
+        return PairSet(x=self.x[rows], y=cut(self.y), ids=cut(self.ids),
+                       extras={k: v[rows] for k, v in self.extras.items()}, source=f"{self.source} [{name}]")
+
     def ids_or_index(self) -> np.ndarray:
         """The ids, or ``0..N-1`` as strings for files without ids."""
         if self.ids is not None:

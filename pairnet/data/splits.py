@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from pairnet.data.generate import FILES, LABELS_CSV, ensure_dataset
 from pairnet.data.pairs import PairSet, load_pairs
@@ -18,6 +21,22 @@ from pairnet.presets import check_preset
 log = logging.getLogger(__name__)
 
 
+GATE_EVERY = 5  # every 5th val pair (rows 4, 9, 14, ...) is the gate part
+
+
+def gate_mask(n: int) -> np.ndarray:
+    """The gate part's rows of a val set of ``n`` pairs: every 5th (4, 9, 14, ...)."""
+    return np.arange(n) % GATE_EVERY == GATE_EVERY - 1
+
+
+def val_parts(val: PairSet) -> tuple[PairSet, PairSet]:
+    """``val`` cut in two by row: the selection part (4 rows in 5), on which training picks its best
+    epoch, stops early and Optuna compares trials, and the gate part (every 5th row), which
+    nothing is chosen on: the champion gate judges every model there."""
+    gate = gate_mask(len(val))
+    return val.subset(~gate, "selection part"), val.subset(gate, "gate part")
+
+
 @dataclass
 class Splits:
     train: PairSet
@@ -27,6 +46,16 @@ class Splits:
 
     def digest(self) -> str:
         return self.train.digest()[:8] + self.val.digest()[:8]
+
+    @cached_property
+    def select(self) -> PairSet:
+        """The val rows training chooses on (``val_parts``)."""
+        return val_parts(self.val)[0]
+
+    @cached_property
+    def gate(self) -> PairSet:
+        """The val rows the champion gate judges on, chosen on by nothing (``val_parts``)."""
+        return val_parts(self.val)[1]
 
 
 def check_data_dir(data_dir: str | Path | None) -> Path:

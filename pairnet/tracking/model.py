@@ -164,11 +164,15 @@ def accuracy_on(uri: str, pairs, client: MlflowClient | None = None) -> float:
     return accuracies_on(uri, pairs, client=client)[0]
 
 
-def accuracies_on(uri: str, *pair_sets, client: MlflowClient | None = None) -> list[float]:
-    """Its accuracy on each labelled pair set, the model downloaded and loaded once."""
+def accuracies_on(uri: str, *pair_sets, client: MlflowClient | None = None, tta: bool = False) -> list[float]:
+    """Its accuracy on each labelled pair set, the model downloaded and loaded once; ``tta``: of
+    the mean probability over the test-time shifts (``pairnet.tta``)."""
+    from pairnet.tta import mean_over_shifts
+
     model = load_trusted(uri, client)
+    predict = model.probabilities if isinstance(model, StackPredictor) else model.predict
     out = []
     for pairs in pair_sets:
-        prob = model.probabilities(pairs.x) if isinstance(model, StackPredictor) else model.predict(pairs.x)
+        prob = mean_over_shifts(predict, pairs.x) if tta else predict(pairs.x)
         out.append(float((to_labels(prob) == np.asarray(pairs.y)).mean()))
     return out

@@ -1,8 +1,8 @@
 """Model registry: ``pairnet-<variant>`` names, val metrics as version tags, and the
-``champion`` alias moved only when a new version beats the champion's val accuracy, measured
-on the same val data (a champion judged on other data is evaluated on the new one first), by
-more than that val set's noise (one standard error by default); a version that does not
-takes the ``challenger`` alias."""
+``champion`` alias moved only when a new version beats the champion's accuracy on the gate part
+of val (every 5th pair, which no training, early stop or trial choice looked at), measured on the
+same pairs (a champion judged on other pairs is evaluated on these first), by more than their
+noise (one standard error by default); a version that does not takes the ``challenger`` alias."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlflow
@@ -72,10 +73,29 @@ def stack_name() -> str:
 
 
 # Model-version tags of the gate: what each figure was measured on.
-VAL_DIGEST = "val_digest"  # digest of the val data val_acc was measured on
-CHAMPION_VAL_ACC = "champion_val_acc"  # the champion's accuracy on this version's val data, at the gate
+VAL_DIGEST = "val_digest"  # digest of the val file (val_acc: the best epoch on its selection part)
+GATE_ACC = "gate_acc"  # accuracy on the gate part of that val file, which nothing was chosen on
+GATE_DIGEST = "gate_digest"  # digest of the gate part gate_acc was measured on
+GATE_N = "gate_n"  # how many pairs the gate part holds
+CHAMPION_GATE_ACC = "champion_gate_acc"  # the champion's accuracy on this version's gate part, at the gate
 CHAMPION_COMPARED = "champion_compared"  # the champion version it was compared with
-ON_VAL = "val_acc_on."  # + digest: a version's accuracy on other val data, measured by a gate
+ON_GATE = "gate_acc_on."  # + digest: a version's accuracy on another gate part, measured by a gate
+
+
+@dataclass
+class GateFigure:
+    """What the gate judges a new version by: its accuracy on the gate part of val (``digest``,
+    ``n`` pairs: see ``pairnet.data.splits.val_parts``), and ``evaluate``, a callable
+    ``models:/name/version -> accuracy`` on the same pairs for a champion judged on other ones."""
+
+    acc: float
+    digest: str
+    n: int
+    evaluate: Callable[[str], float] | None = None
+
+    @classmethod
+    def on(cls, acc: float, pairs, evaluate: Callable[[str], float] | None = None) -> GateFigure:
+        return cls(acc, pairs.digest(), len(pairs), evaluate)
 
 
 @dataclass
@@ -83,17 +103,16 @@ class GateDecision:
     name: str
     version: str
     promoted: bool
-    new_val_acc: float
-    champion_val_acc: float | None
+    new_acc: float  # the newcomer's gate figure
+    champion_acc: float | None  # the champion's, on the same pairs
     champion_version: str | None
-    measured: str = "recorded"  # how champion_val_acc was had: recorded on the version, or evaluated now
+    measured: str = "recorded"  # how champion_acc was had: recorded on the version, or evaluated now
     margin: float = 0.0  # the gain over the champion's figure that a promotion needed
     reason: str = ""  # the decision in words, also tagged on the version (``gate_reason``)
 
 
 CHALLENGER = "challenger"  # the alias of the newest version that did not beat the champion
 GATE_REASON = "gate_reason"
-VAL_N = "val_n"  # how many val pairs val_acc was measured on
 MARGIN_SE_ENV = "PAIRNET_GATE_MARGIN_SE"
 DEFAULT_MARGIN_SE = 1.0
 LOCK_WAIT_S = 300.0
@@ -131,28 +150,28 @@ def gate_lock(name: str) -> contextlib.AbstractContextManager[None]:
                           "try again when it is done")
 
 
-def champion_figure(current, val_digest: str, evaluate, metric: str, client: MlflowClient) -> tuple[float, str]:
-    """The champion's accuracy on the val data with ``val_digest``: its own recorded figure when it
-    was measured on that data, a figure an earlier gate measured there, or evaluated now with
-    ``evaluate(models:/name/version)`` and recorded on the champion (``val_acc_on.<digest>``).
+def champion_figure(current, gate: GateFigure, client: MlflowClient) -> tuple[float, str]:
+    """The champion's accuracy on the gate pairs with ``gate.digest``: its own recorded figure when
+    it was measured on them, a figure an earlier gate measured there, or evaluated now with
+    ``gate.evaluate(models:/name/version)`` and recorded on the champion (``gate_acc_on.<digest>``).
     NaN when none can be had (the champion cannot be loaded, or carries no figure)."""
     tags = current.tags or {}
-    if val_digest and tags.get(VAL_DIGEST) == val_digest:
-        return _float(tags.get(metric)), "recorded"
-    if val_digest and ON_VAL + val_digest in tags:
-        return _float(tags[ON_VAL + val_digest]), "recorded at an earlier gate"
-    if not val_digest or evaluate is None:
-        # No like-for-like figure: the old behaviour, the champion's own figure.
-        return _float(tags.get(metric)), "recorded on other data"
+    if gate.digest and tags.get(GATE_DIGEST) == gate.digest:
+        return _float(tags.get(GATE_ACC)), "recorded"
+    if gate.digest and ON_GATE + gate.digest in tags:
+        return _float(tags[ON_GATE + gate.digest]), "recorded at an earlier gate"
+    if not gate.digest or gate.evaluate is None:
+        # No like-for-like figure: the champion's own gate figure, on other pairs.
+        return _float(tags.get(GATE_ACC)), "recorded on other data"
     uri = f"models:/{current.name}/{current.version}"
     try:
-        acc = float(evaluate(uri))
+        acc = float(gate.evaluate(uri))
     except (PairnetError, MlflowException, OSError) as err:
         log.warning("champion %s could not be evaluated on the new val data (%s); it stays champion",
                     uri, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return float("nan"), "unloadable"
-    client.set_model_version_tag(current.name, current.version, ON_VAL + val_digest, f"{acc:.6f}")
-    return acc, "evaluated on this val data"
+    client.set_model_version_tag(current.name, current.version, ON_GATE + gate.digest, f"{acc:.6f}")
+    return acc, "evaluated on this gate part"
 
 
 def _float(text) -> float:
@@ -162,74 +181,74 @@ def _float(text) -> float:
         return float("nan")
 
 
-def champion_gate(name: str, version: str, val_acc: float, metric: str = "val_acc",
-                  client: MlflowClient | None = None, *, val_digest: str = "", evaluate=None,
-                  val_n: int | None = None, se: float | None = None) -> GateDecision:
-    """Point ``champion`` at ``version`` iff it beats the current champion by more than the noise
-    of the val set (``se`` standard errors on ``val_n`` pairs, see ``gate_margin``), both measured
-    on the same val data (``val_digest``): a champion judged on other data is first evaluated on
-    this one with ``evaluate``, a callable ``models:/name/version -> accuracy``. A figure that
-    cannot be had (NaN, either side) never promotes. A version that loses takes ``challenger``.
-    The whole read-compare-set holds ``gate_lock(name)``."""
+def champion_gate(name: str, version: str, gate: GateFigure, client: MlflowClient | None = None, *,
+                  se: float | None = None) -> GateDecision:
+    """Point ``champion`` at ``version`` iff its gate figure beats the current champion's on the
+    same gate pairs by more than their noise (``se`` standard errors on ``gate.n`` pairs, see
+    ``gate_margin``): a champion judged on other pairs is first evaluated on these with
+    ``gate.evaluate``. Nothing was chosen on the gate pairs, so neither side carries a selection
+    gain. A figure that cannot be had (NaN, either side) never promotes. A version that loses
+    takes ``challenger``. The whole read-compare-set holds ``gate_lock(name)``."""
     client = client or MlflowClient()
     se = margin_se() if se is None else se
+    new_acc, n = gate.acc, gate.n
     with gate_lock(name):
         current = champion_version(name, client)
         old_acc, measured, margin = None, "none", 0.0
-        if not val_acc == val_acc:
-            promoted, reason = False, "its own val figure could not be had"
+        if not new_acc == new_acc:
+            promoted, reason = False, "its own gate figure could not be had"
         elif current is None:
             promoted, reason = True, "no champion yet"
         elif str(current.version) == str(version):
             promoted, reason = True, "already champion"
         else:
-            old_acc, measured = champion_figure(current, val_digest, evaluate, metric, client)
-            margin = gate_margin(old_acc, val_n, se)
+            old_acc, measured = champion_figure(current, gate, client)
+            margin = gate_margin(old_acc, n, se)
             if not old_acc == old_acc:
                 promoted = False
                 reason = f"champion v{current.version}'s figure could not be had ({measured}); it stays champion"
             else:
-                promoted = val_acc > old_acc + margin
-                reason = (f"{val_acc:.4f} {'>' if promoted else '<='} champion v{current.version} {old_acc:.4f} "
-                          f"({measured}) + margin {margin:.4f} ({se:g} SE on {val_n or '?'} pairs)")
+                promoted = new_acc > old_acc + margin
+                reason = (f"gate part: {new_acc:.4f} {'>' if promoted else '<='} champion v{current.version} "
+                          f"{old_acc:.4f} ({measured}) + margin {margin:.4f} ({se:g} SE on {n or '?'} pairs)")
         client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version)
-    decision = GateDecision(name, str(version), promoted, val_acc, old_acc,
+    decision = GateDecision(name, str(version), promoted, new_acc, old_acc,
                             current.version if current is not None else None, measured, margin, reason)
     log.info("%s v%s: %s → %s", name, version, reason, "promoted" if promoted else "kept the champion")
     return decision
 
 
 def register_and_gate(name: str, version: str, val_acc: float, run_id: str, tags: dict,
-                      client: MlflowClient | None = None, *, description: str = "",
-                      model_description: str = "", val_digest: str = "", evaluate=None,
-                      val_n: int | None = None) -> GateDecision:
-    """The one path after a version is registered: tag it (``val_acc``, ``val_digest`` — the val
-    data it was measured on —, ``run_id`` — the run that made the model — and ``tags``), move
-    ``champion`` only if it beats the champion on the same val data (see ``champion_gate``), and
-    record the comparison on the version (``champion_val_acc``, ``champion_compared``) and the
+                      client: MlflowClient | None = None, *, gate: GateFigure, description: str = "",
+                      model_description: str = "", val_digest: str = "") -> GateDecision:
+    """The one path after a version is registered: tag it (``val_acc``, its figure on the val
+    selection part, ``val_digest`` — the val file —, the gate figure ``gate_acc`` with its pairs'
+    ``gate_digest`` and ``gate_n``, ``run_id`` — the run that made the model — and ``tags``), move
+    ``champion`` only if it beats the champion on the same gate pairs (see ``champion_gate``), and
+    record the comparison on the version (``champion_gate_acc``, ``champion_compared``) and the
     decision on the active run (tags ``pairnet.champion_decision``/``pairnet.model_version``,
-    metrics ``champion_promoted`` and ``champion_val_acc_before``)."""
+    metrics ``champion_promoted`` and ``champion_gate_acc_before``)."""
     client = client or MlflowClient()
     tag_version(name, version, {"val_acc": f"{val_acc:.6f}", "run_id": run_id,
                                 **({VAL_DIGEST: val_digest} if val_digest else {}),
-                                **({VAL_N: str(val_n)} if val_n else {}), **tags}, client)
+                                GATE_ACC: f"{gate.acc:.6f}", GATE_DIGEST: gate.digest, GATE_N: str(gate.n),
+                                **tags}, client)
     # Descriptions the registry UI shows: what the model is (set once, a user's edit is kept)
     # and what this version is.
     if description:
         client.update_model_version(name, str(version), description=f"{description}; val acc {val_acc:.4f}")
     if model_description and not client.get_registered_model(name).description:
         client.update_registered_model(name, description=model_description)
-    decision = champion_gate(name, version, val_acc, client=client, val_digest=val_digest, evaluate=evaluate,
-                             val_n=val_n)
+    decision = champion_gate(name, version, gate, client=client)
     tag_version(name, version, {GATE_REASON: decision.reason[:5000]}, client)
-    if decision.champion_version is not None and decision.champion_val_acc is not None:
-        tag_version(name, version, {CHAMPION_VAL_ACC: f"{decision.champion_val_acc:.6f}",
+    if decision.champion_version is not None and decision.champion_acc is not None:
+        tag_version(name, version, {CHAMPION_GATE_ACC: f"{decision.champion_acc:.6f}",
                                     CHAMPION_COMPARED: f"v{decision.champion_version} ({decision.measured})"}, client)
     mlflow.set_tags({names.TAG_CHAMPION_DECISION: "promoted" if decision.promoted else "kept",
                      names.TAG_MODEL_VERSION: str(version)})
     mlflow.log_metric("champion_promoted", float(decision.promoted))
-    if decision.champion_val_acc is not None and decision.champion_val_acc == decision.champion_val_acc:
-        mlflow.log_metric("champion_val_acc_before", decision.champion_val_acc)
+    if decision.champion_acc is not None and decision.champion_acc == decision.champion_acc:
+        mlflow.log_metric("champion_gate_acc_before", decision.champion_acc)
     return decision
 
 
@@ -264,7 +283,8 @@ def list_registered(starts: str | None = None, client: MlflowClient | None = Non
                 "name": rm.name, "version": int(mv.version),
                 "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
                 "val_acc": mv.tags.get("val_acc", ""), "val_digest": mv.tags.get(VAL_DIGEST, ""),
-                "champion_val_acc": mv.tags.get(CHAMPION_VAL_ACC, ""),
+                "gate_acc": mv.tags.get(GATE_ACC, ""), "gate_digest": mv.tags.get(GATE_DIGEST, ""),
+                "champion_gate_acc": mv.tags.get(CHAMPION_GATE_ACC, ""),
                 "champion_compared": mv.tags.get(CHAMPION_COMPARED, ""), "run_id": mv.run_id,
             })
     return sorted(rows, key=lambda r: (r["name"], r["version"]))

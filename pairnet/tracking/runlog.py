@@ -52,6 +52,7 @@ def log_start(cfg: TrainConfig, model, splits: Splits, extra: dict):
     the train/val inputs. Returns the validation dataset, for linking the final metrics."""
     params = {**cfg.as_params(), **{f"model.{k}": v for k, v in model.spec.items()},
               "data.dir": str(splits.data_dir), "data.n_train": len(splits.train), "data.n_val": len(splits.val),
+              "data.n_val_select": len(splits.select), "data.n_val_gate": len(splits.gate),
               "data.digest": splits.digest(), **extra}
     mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
     logged = {}
@@ -99,8 +100,8 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
                 run_id: str, val_dataset=None, init_uri: str | None = None, preset: str = "") -> dict:
     from pairnet import plots
 
-    final = dict(result.final)
-    log_evaluation("val", splits.val, result.val_prob)
+    final = dict(result.final)  # val_*: the best epoch on the val selection part, which fit chose on
+    log_evaluation("val", splits.select, result.val_prob)
     if splits.public is not None:
         logits = predict_logits(model, splits.public.x, device=dev, batch_size=cfg.eval_batch_size,
                                 amp=amp_dtype(cfg.amp, dev))
@@ -110,12 +111,12 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
         log_evaluation_input(splits.public)
         log_evaluation("test_public", splits.public, torch.sigmoid(logits).numpy())
     if hasattr(model.head, "per_head"):  # fusion heads: weights and a per-head ablation
-        ablation = fusion_ablation(model, splits.val, dev, cfg)
+        ablation = fusion_ablation(model, splits.select, dev, cfg)
         final.update(ablation)
         mlflow.log_metrics(ablation)
 
     mlflow.log_figure(plots.learning_curves(result.history, title=f"{stage} {cfg.model_name}"), "learning_curves.png")
-    mlflow.log_figure(plots.confusion(splits.val.y, result.val_prob), "confusion_matrix.png")
+    mlflow.log_figure(plots.confusion(splits.select.y, result.val_prob), "confusion_matrix.png")
     mlflow.log_dict({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, **final},
                     "final_metrics.json")
 
@@ -124,17 +125,22 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
     mlflow.log_metrics(final_metrics(result), model_id=info.model_id, dataset=val_dataset)
     version = str(info.registered_model_version)
     val_acc = float(final[names.VAL_ACC])
+    # The gate part of val, chosen on by nothing: the registered model scored there exactly as a
+    # champion from other data would be, so the gate compares like with like.
+    gate_acc = accuracy_on(f"models:/{registered}/{version}", splits.gate)
+    mlflow.log_metric("gate_acc", gate_acc)
     decision = registry.register_and_gate(registered, version, val_acc, run_id, {
         "val_auc": f"{final['val_auc']:.6f}", "stage": stage, "model": cfg.model_name, "seed": cfg.seed,
         **({PRESET_TAG: preset} if preset else {}),
         **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
-    }, val_digest=splits.val.digest(), evaluate=lambda uri: accuracy_on(uri, splits.val), val_n=len(splits.val),
+    }, val_digest=splits.val.digest(),
+        gate=registry.GateFigure.on(gate_acc, splits.gate, lambda uri: accuracy_on(uri, splits.gate)),
         description=(f"{stage} {cfg.model_name} seed {cfg.seed}, trained on data {splits.digest()}"
                     + (f" from {init_uri}" if init_uri else "") + f" (run {run_id})"),
         model_description=(f"pairnet {cfg.model_name}: a siamese CNN saying whether the left digit of a pair is "
                            "greater than the right one; input uint8 pairs (N, 28, 56), output P(label 1)."))
-    return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc,
+    return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc, "gate_acc": gate_acc,
             "test_public_acc": final.get("test_public_acc"), "promoted": decision.promoted,
             "model": cfg.model_name, "stage": stage, "seed": cfg.seed, "init_from": init_uri,
             "model_id": info.model_id}
