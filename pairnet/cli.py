@@ -718,9 +718,8 @@ def _add_pipeline(sub) -> None:
     p.add_argument("--from-study", default="",
                    help="take lr and weight decay from the best trial of this existing Optuna study instead "
                         "(the folder's default storage, as `pairnet tune --data-dir` uses)")
-    p.add_argument("--tta", default="auto", choices=["auto", "true", "false"],
-                   help=TTA_HELP + ", for the towers' zero-shot rows and the predictions written; auto (default): "
-                                   "on for a folder without digit labels, where the towers read it zero-shot")
+    p.add_argument("--tta", action="store_true",
+                   help=TTA_HELP + ", for the towers' zero-shot rows and the predictions written (default off)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jobs", type=whole, default=1, help=JOBS_HELP)
     p.set_defaults(func=_cmd_pipeline)

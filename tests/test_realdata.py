@@ -53,8 +53,9 @@ def user_run(mlflow_server, tmp_path_factory):
         mp.setenv("PAIRNET_DATA_DIR", str(root / "own"))
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "it-realdata")
         # Data seed 7: this folder's default set (and so its tower) is not the journey's (seed 42).
-        first = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu", seed=SEED))
-        second = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu", seed=SEED))
+        # tta: the zero-shot rows and the predictions by the mean over test-time shifts.
+        first = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu", seed=SEED, tta=True))
+        second = run_pipeline(PipelineRequest(preset="tiny", data_dir=str(user), device="cpu", seed=SEED, tta=True))
         yield {"root": root, "user": user, "before": before, "first": first, "second": second, "mp": mp}
 
 
@@ -83,7 +84,6 @@ def test_a_digitless_folder_runs_end_to_end_from_a_tower_pretrained_on_the_defau
     assert pre.data.tags["pairnet.data_digest"] == splits.digest()
     rows = {r["model"]: r for r in first["table"]}
     # The ladder: the tower on the user's data before any fine-tuning, then the fine-tuned models.
-    # tta=auto: a folder without digit labels reads the tower with test-time shifts.
     zero = rows[f"{TOWER} (zero-shot, shifts)"]
     assert zero["version"] == version
     val = load_pairs(user / "val.npz")
@@ -92,6 +92,10 @@ def test_a_digitless_folder_runs_end_to_end_from_a_tower_pretrained_on_the_defau
     assert run.data.params["pipeline.tta"] == "True"
     (predict,) = [c for c in _children(first["run_id"]) if c.data.tags.get("pairnet.stage") == "predict"]
     assert predict.data.params["predict.tta"] == "True"
+    # submit predicts as the pipeline that shipped the model did: with the shifts.
+    sub = root / "submission.csv"
+    assert main(["submit", "--data-dir", str(user), "--out", str(sub)]) == 0
+    assert sub.read_text() == (user / "predictions_private.csv").read_text()
     finetuned = [c for c in _children(first["run_id"]) if c.data.tags.get("pairnet.init_from")]
     assert len(finetuned) == 2
     assert {c.data.tags["pairnet.init_from"] for c in finetuned} == {f"models:/{TOWER}/{version}"}

@@ -136,7 +136,9 @@ def test_stack_pyfunc_predict_and_check_submission(stacked, tiny_data, tmp_path,
     assert main(["check-submission", "--data", str(tiny_data / "test_private.npz"), "--pred", str(pred)]) == 0
     # --tta: the labels of the mean stack probability over the five shifted views.
     shifted = tmp_path / "pred_tta.csv"
-    assert main(["predict", "--tta", "--data", str(tiny_data / "test_private.npz"), "--out", str(shifted)]) == 0
+    uri = f"models:/pairnet-stack/{run.data.tags['pairnet.model_version']}"  # the champion may be another module's
+    assert main(["predict", "--tta", "--model", uri, "--data", str(tiny_data / "test_private.npz"),
+                 "--out", str(shifted)]) == 0
     assert "test-time shifts" in capsys.readouterr().out
     views = [model.predict(shift_halves(private.x, dy, dx))["probability"].to_numpy() for dy, dx in SHIFTS]
     expected = to_labels(np.mean(views, axis=0))

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, mlflow_run, user_env
 from pairnet import report
 from pairnet.data.pairs import load_pairs
+from pairnet.data.splits import val_parts
 from pairnet.train import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,7 +67,8 @@ def test_stage2_mlflow_run_tracks_registers_and_serves(mlflow_server, tiny_data)
         assert files == {"curves.png", "confusion_matrix.png", "most_confident_errors.png", "predictions.json"} | (
             {"digit_pair_errors.json", "digit_pair_errors.png"} if digits else set()), (split, files)
         assert digits == (split == "val")
-    val = load_pairs(tiny_data / "val.npz")
+    val = val_parts(load_pairs(tiny_data / "val.npz"))[0]  # the selection part, which fit scores each epoch
+    assert int(p["data.n_val_select"]) == len(val)
     table = report.digit_pair_errors(run.info.run_id)
     errors = round((1 - run.data.metrics["final_val_acc"]) * len(val))
     assert table["errors"].sum() == errors and table["pairs"].sum() == len(val) and len(table) <= 90
