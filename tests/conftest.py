@@ -17,12 +17,20 @@ os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 # pairnet's state (folder locks, Optuna journals of user folders) in a folder of the session's,
 # not in the checkout's data/state; subprocesses inherit it.
 os.environ["PAIRNET_STATE_DIR"] = tempfile.mkdtemp(prefix="pairnet-state-")
+# One intra-op thread per process: the two xdist workers (and the servers and subprocesses they
+# start) already fill the cores, and OpenMP threads of several processes spin-waiting on each
+# other's cores cost more than they compute (measured: two integration modules 214 s with
+# torch's default of one thread per core, 89 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+import torch
 
 from pairnet.data.generate import GenConfig, make_dataset
 from pairnet.data.pairs import load_pairs
 from pairnet.train import TrainConfig
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ def test_fit_logs_every_metric_each_epoch(splits, tmp_path):
 
 
 def test_resume_reaches_same_final_metrics(splits, tmp_path):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-exact comparison: one intra-op thread on both paths
     try:
         dev = pick_device("cpu")
@@ -76,7 +77,7 @@ def test_resume_reaches_same_final_metrics(splits, tmp_path):
         assert state["epoch"] == 2
         resumed = fit(model(), *splits, cfg, device=dev, checkpoint_path=ckpt, resume=state)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
     assert resumed.final == full.final
