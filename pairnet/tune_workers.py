@@ -170,10 +170,11 @@ class Workers:
         until = time.monotonic() + STOP_WAIT_S
         for w in self.live.values():
             w.process.join(max(0.0, until - time.monotonic()))
-        for w in self.live.values():
-            if w.process.is_alive():
+        for w in self.live.values():  # every straggler killed before any bookkeeping, which
+            if w.process.is_alive():  # talks to the server and may be slow
                 w.process.kill()
-                w.process.join()
+        for w in self.live.values():
+            w.process.join()
             self.bury(w, f"{reason}: worker pid {w.process.pid}", "KILLED", requeue=False)
         self.live.clear()
 

@@ -5,6 +5,7 @@ Real tracking server, real SQLite Optuna storage, `pairnet tune` run as a user r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -54,6 +55,9 @@ def _running_trials(client, experiment: str, proc: subprocess.Popen, want: int, 
 def _finish(proc: subprocess.Popen, log_path, timeout: float) -> str:
     try:
         proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout:.0f} s; its output:\n"
+                             f"{Path(log_path).read_text()[-4000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -94,18 +98,26 @@ def test_signal_ends_every_run_killed(mlflow_server, tiny_data, tmp_path, sig, w
     client = MlflowClient()
     log_path = tmp_path / "tune.log"
     # Trials far longer than any wait for them to start: the signal always lands mid-trial, however
-    # loaded the cores are (at 200 epochs a loaded CI run once finished both trials first).
+    # loaded the cores are (at 200 epochs a loaded CI run once finished both trials first). The
+    # tiny ResNet's epochs, not compare_cnn's (a few a second), so that per-epoch metrics from two
+    # workers do not swamp a loaded server that the stop then needs.
     cmd = _tune(tiny_data, storage, "t", "--epochs", "20000", "--n-trials", "2", "--n-workers", str(workers))
+    cmd[cmd.index("compare_cnn")] = "resnet_optimized"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=user_env(mlflow_server, experiment), stdout=log, stderr=subprocess.STDOUT)
     _running_trials(client, experiment, proc, want=workers)
     family = psutil.Process(proc.pid).children(recursive=True)
     started = time.monotonic()
     proc.send_signal(sig)  # to the parent alone: with several workers it must pass the signal on
-    out = _finish(proc, log_path, timeout=60)
-    assert proc.returncode == 128 + sig and time.monotonic() - started < 40, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    assert not psutil.wait_procs(family, timeout=10)[1]  # workers (and their helpers) are gone
+    try:
+        out = _finish(proc, log_path, timeout=60)
+        assert proc.returncode == 128 + sig and time.monotonic() - started < 40, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        assert not psutil.wait_procs(family, timeout=10)[1]  # workers (and their helpers) are gone
+    finally:  # a failure here must not leave 20,000-epoch workers training under the rest of the suite
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
     runs = _runs(client, experiment)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
