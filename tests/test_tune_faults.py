@@ -104,7 +104,10 @@ def test_signal_ends_every_run_killed(mlflow_server, tiny_data, tmp_path, sig, w
     cmd = _tune(tiny_data, storage, "t", "--epochs", "20000", "--n-trials", "2", "--n-workers", str(workers))
     cmd[cmd.index("compare_cnn")] = "resnet_optimized"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=user_env(mlflow_server, experiment), stdout=log, stderr=subprocess.STDOUT)
+        # SIGINT at its default, as in a terminal: a suite started in the background by a shell
+        # without job control inherits SIGINT ignored, and Python then leaves it ignored.
+        proc = subprocess.Popen(cmd, env=user_env(mlflow_server, experiment), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _running_trials(client, experiment, proc, want=workers)
     family = psutil.Process(proc.pid).children(recursive=True)
     started = time.monotonic()
