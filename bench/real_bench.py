@@ -41,7 +41,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from pairnet.data.generate import FILES, SIZES, GenConfig, make_dataset
-from pairnet.data.pairs import PairSet, load_pairs
+from pairnet.data.pairs import PairSet, load_pairs, to_labels
 from pairnet.models import create_model
 from pairnet.models.transfer import copy_matching
 from pairnet.presets import build_config
@@ -111,6 +111,20 @@ def pretrain(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
+def saved_tower(path: Path) -> tuple[torch.nn.Module, dict]:
+    """A tower this bench saved with ``--tower``, and the record of how it was made."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    kwargs = {k: v for k, v in saved["spec"].items() if k not in ("name", "builder")}
+    model = create_model(saved["spec"]["name"], **kwargs)
+    model.load_state_dict(saved["state"])
+    return model, json.loads(saved["info"])
+
+
+def half_rows(n: int, half: str) -> np.ndarray:
+    """The dev pairs' fixed halves (their README): choose = the even rows, report = the odd rows."""
+    return {"choose": np.arange(0, n, 2), "report": np.arange(1, n, 2), "all": np.arange(n)}[half]
+
+
 def load_tower(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
     """From --init-from, from a saved --tower file, or pretrained here; saved to --tower when it
     came from elsewhere."""
@@ -124,11 +138,8 @@ def load_tower(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
         model.load_state_dict(source.state)
         info = {"source": source.uri, "run_id": source.run_id, "val_acc": None, "seconds": 0.0}
     elif tower is not None and tower.exists():
-        saved = torch.load(tower, map_location="cpu", weights_only=True)
-        kwargs = {k: v for k, v in saved["spec"].items() if k not in ("name", "builder")}
-        model = create_model(saved["spec"]["name"], **kwargs)
-        model.load_state_dict(saved["state"])
-        return model, {**json.loads(saved["info"]), "source": f"{tower} (saved earlier)"}
+        model, info = saved_tower(tower)
+        return model, {**info, "source": f"{tower} (saved earlier)"}
     else:
         model, info = pretrain(args, dev)
     if tower is not None:
@@ -180,7 +191,7 @@ def acc(model, pairs: PairSet, dev, amp, tta: bool = False) -> float:
     if not tta:
         return float(evaluate(model, pairs.x, pairs.y, device=dev, amp=amp)["val_acc"])
     prob = mean_over_shifts(lambda x: predict_proba(model, x, device=dev, amp=amp), pairs.x)
-    return float(np.mean((prob > 0.5) == (pairs.y == 1)))
+    return float(np.mean(to_labels(prob) == pairs.y))
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -220,10 +231,9 @@ def main() -> None:
     t0 = time.perf_counter()
     every = load_pairs(args.pairs)
     every.require_labels()
-    rows = {"choose": np.arange(0, len(every), 2), "report": np.arange(1, len(every), 2),
-            "all": np.arange(len(every))}
-    real = subset(every, rows[args.half], f"{args.half} half")
-    outside = subset(every, rows["choose"], "choose half") if args.train_from == "choose-half" else None
+    real = subset(every, half_rows(len(every), args.half), f"{args.half} half")
+    outside = (subset(every, half_rows(len(every), "choose"), "choose half") if args.train_from == "choose-half"
+               else None)
 
     pretrained, info = load_tower(args, dev)
     amp = amp_dtype("auto", dev)

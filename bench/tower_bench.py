@@ -23,26 +23,17 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.model_selection import StratifiedKFold
 
-from pairnet.data.pairs import load_pairs
-from pairnet.models import create_model
+from pairnet.data.pairs import load_pairs, to_labels
 from pairnet.train import pick_device, predict_proba
 from pairnet.train.loop import amp_dtype
 from pairnet.tta import mean_over_shifts
-
-
-def load(path: Path) -> tuple[torch.nn.Module, dict]:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    kwargs = {k: v for k, v in saved["spec"].items() if k not in ("name", "builder")}
-    model = create_model(saved["spec"]["name"], **kwargs)
-    model.load_state_dict(saved["state"])
-    return model, json.loads(saved["info"])
+from real_bench import half_rows, saved_tower  # bench/ is on the path when this script runs
 
 
 def fold_accs(prob: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -> list[float]:
-    return [round(float(np.mean((prob[idx] >= 0.5) == (y[idx] == 1))), 4) for idx in folds]
+    return [round(float(np.mean(to_labels(prob[idx]) == y[idx])), 4) for idx in folds]
 
 
 def summary(values: list[float]) -> dict:
@@ -62,14 +53,13 @@ def main() -> None:
     dev = pick_device()
     amp = amp_dtype("auto", dev)
     every = load_pairs(args.pairs)
-    rows = {"choose": np.arange(0, len(every), 2), "report": np.arange(1, len(every), 2),
-            "all": np.arange(len(every))}[args.half]
+    rows = half_rows(len(every), args.half)
     x, y = every.x[rows], every.require_labels()[rows]
     folds = [test for _, test in StratifiedKFold(n_splits=args.folds, shuffle=True,
                                                  random_state=args.fold_seed).split(x, y)]
     towers, plain, shifted = [], [], []
     for path in args.tower:
-        model, info = load(Path(path))
+        model, info = saved_tower(Path(path))
         predict = lambda v, m=model: predict_proba(m, v, device=dev, amp=amp)  # noqa: E731
         plain.append(predict(x))
         shifted.append(mean_over_shifts(predict, x))

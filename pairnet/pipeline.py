@@ -210,7 +210,6 @@ class Recipe:
     tower_set: GenConfig | None  # the default set made there when absent (None: the folder is given)
     tower_values: dict  # training values pretraining adds there
     beside: bool  # the towers learn on other data than the folder's: they get zero-shot rows and are stacked
-    tta: bool = False  # test-time shifts for the zero-shot rows and the predictions (PipelineRequest.tta)
 
 
 def decide(req: PipelineRequest, preset: dict, d: Path) -> Recipe:
@@ -219,8 +218,7 @@ def decide(req: PipelineRequest, preset: dict, d: Path) -> Recipe:
     scratch on the folder's own labels, and no twin (it would be the first model again)."""
     plan = PLANS[req.preset]
     if req.pretrain == "none":
-        return Recipe((), [(stage, v, seed, None) for stage, v, seed, _ in plan[:-1]], None, None, None, {}, False,
-                      tta=req.tta)
+        return Recipe((), [(stage, v, seed, None) for stage, v, seed, _ in plan[:-1]], None, None, None, {}, False)
     if req.pretrain_data_dir:
         folder, gen, values = Path(req.pretrain_data_dir), None, {}
     elif not has_pair_files(d) or has_digit_labels(d):  # the default set (made in d if absent) or like it
@@ -232,7 +230,7 @@ def decide(req: PipelineRequest, preset: dict, d: Path) -> Recipe:
         folder, gen, values = default_set_dir(size), GenConfig(size=size, seed=req.seed), \
             preset["default_pretrain"]["pretrain"]
     return Recipe(PRETRAIN[req.preset], plan[:-1], plan[-1], folder, gen, values,
-                  beside=folder.resolve() != d.resolve(), tta=req.tta)
+                  beside=folder.resolve() != d.resolve())
 
 
 def has_digit_labels(d: Path) -> bool:
@@ -300,6 +298,7 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
                code: str, env: dict) -> list[plan.Step]:
     """Every step of the run, in order, with its size, whether a finished run of it can be
     reused (from the tracking store, by step key) and its time on this machine."""
+    views = len(SHIFTS) if req.tta else 1  # scoring with test-time shifts scores each pair this often
     dev = pick_device(req.device)
     steps: list[plan.Step] = []
     gen = GenConfig(size=preset["data_size"], seed=req.seed)
@@ -330,10 +329,9 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
                 cfg = build_config("pretrain", req.preset, {"model_name": variant})
                 speed = plan.measure(cfg, dev, keep=not req.plan)
                 n = sizes["val"] + sizes.get("public", 0)
-                shifts = len(SHIFTS) if recipe.tta else 1
                 steps.append(plan.Step(f"zero-shot/{variant}", "zero_shot", "the tower as it is, scored on your "
-                                       "val and test_public" + (" (mean over test-time shifts)" if recipe.tta else ""),
-                                       n, seconds=plan.LOAD_S + shifts * n * speed.pair_s))
+                                       "val and test_public" + (" (mean over test-time shifts)" if req.tta else ""),
+                                       n, seconds=plan.LOAD_S + views * n * speed.pair_s))
     if req.tune_trials:  # each trial trains the first base model's config once
         stage, variant, seed, init = recipe.models[0]
         cfg, _, _ = step_config("tune", variant, seed, "models:/tower/1" if init else None, req.preset,
@@ -375,11 +373,10 @@ def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, clie
     steps.append(plan.Step("stack", "stack", f"LightGBM over {n_bases} base models, 5-fold CV on val", scored,
                            reused=stack_reused,
                            seconds=n_bases * (plan.LOAD_S + scored * pair_s) + plan.STEP_OVERHEAD_S))
-    shifts = len(SHIFTS) if recipe.tta else 1
     steps.append(plan.Step("predict", "predict", "predictions_private.csv from the model that ships"
-                           + (" (mean over test-time shifts)" if recipe.tta else ""),
+                           + (" (mean over test-time shifts)" if req.tta else ""),
                            sizes.get("private", 0), reused=None if stack_reused else False,
-                           seconds=n_bases * (plan.LOAD_S + shifts * sizes.get("private", 0) * pair_s)))
+                           seconds=n_bases * (plan.LOAD_S + views * sizes.get("private", 0) * pair_s)))
     return steps
 
 
@@ -453,7 +450,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         mlflow.set_tag(names.TAG_NAMESPACE, registry.namespace())
         mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code,
                            "pipeline.pretrain_data_dir": req.pretrain_data_dir or "",
-                           "pipeline.pretrain": req.pretrain, "pipeline.tta": recipe.tta})
+                           "pipeline.pretrain": req.pretrain, "pipeline.tta": req.tta})
         log_config_file(req.config_text)
         text = plan.render(steps, _plan_header(req, d, recipe))
         log.info("%s", text)
@@ -484,7 +481,7 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
                 pretrained[variant] = f"models:/{row['name']}/{row['version']}"
                 if recipe.beside:  # the tower on the user's data, untouched
                     eta.start(f"zero-shot/{variant}")
-                    rows.append(zero_shot_row(row, splits, recipe.tta))
+                    rows.append(zero_shot_row(row, splits, req.tta))
         tuned = {}
         if req.tune_trials or req.from_study:
             eta.start(tune_label(req))
@@ -509,14 +506,14 @@ def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
         ship = ship_choice(stack, base)
         eta.start("predict")
         pred_path = d / "predictions_private.csv"
-        key = predict_key(model_uri(ship), d, code, env, recipe.tta)
+        key = predict_key(model_uri(ship), d, code, env, req.tta)
         done = find_finished(key, client)
         if done is not None and pred_path.exists() and \
                 done.data.tags.get(names.TAG_OUTPUT_DIGEST) == file_digest(pred_path):
             log.info("step predict: reused run %s (%s)", done.info.run_id, pred_path)
             reused.append("predict")
         else:
-            _run_predict_step(model_uri(ship), d, pred_path, parent, key, recipe.tta)
+            _run_predict_step(model_uri(ship), d, pred_path, parent, key, req.tta)
 
         table = [{"model": r["name"] + _suffix(r), "version": r["version"], "stage": r["stage"],
                   "val_acc": r["val_acc"], "test_public_acc": r["test_public_acc"], "init_from": r["init_from"] or "",

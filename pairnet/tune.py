@@ -63,7 +63,7 @@ from pairnet.models.transfer import copy_matching
 from pairnet.tracking.callback import MetricsLost, MlflowCallback
 from pairnet.tracking.init_from import fetch_init_source
 from pairnet.tracking.lifecycle import Terminated, log_config_file, tracked_run
-from pairnet.tracking.model import accuracy_on, log_pair_model
+from pairnet.tracking.model import gate_figure, log_pair_model
 from pairnet.device import pick_device
 from pairnet.train.loop import Callback, fit
 from pairnet.data.splits import load_splits
@@ -452,12 +452,11 @@ def _summarise(study: optuna.Study, before: int, req: TuneRequest, splits=None) 
     splits = splits if splits is not None else load_splits(req.data_dir, req.preset)
     info = log_pair_model(model, splits.val.x, registered_name=name)
     version = str(info.registered_model_version)
-    gate_acc = accuracy_on(f"models:/{name}/{version}", splits.gate)  # as a champion would be scored there
-    mlflow.log_metric("best_gate_acc", gate_acc)
+    gate = gate_figure(name, version, splits.gate)
+    mlflow.log_metric("best_gate_acc", gate.acc)
     decision = registry.register_and_gate(name, version, best.value, trial_run, {
         "stage": "tune", "model": req.model_name, "optuna_study": study.study_name, "optuna_trial": best.number,
-        "optuna_trial_run": trial_run}, val_digest=splits.val.digest(),
-        gate=registry.GateFigure.on(gate_acc, splits.gate, lambda uri: accuracy_on(uri, splits.gate)))
+        "optuna_trial_run": trial_run}, val_digest=splits.val.digest(), gate=gate)
     mlflow.set_tag(names.TAG_BEST_MODEL, f"models:/{name}/{version}")
     summary.update(registered=name, version=version, promoted=decision.promoted)
     return summary

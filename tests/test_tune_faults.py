@@ -101,8 +101,8 @@ def test_signal_ends_every_run_killed(mlflow_server, tiny_data, tmp_path, sig, w
     # loaded the cores are (at 200 epochs a loaded CI run once finished both trials first). The
     # tiny ResNet's epochs, not compare_cnn's (a few a second), so that per-epoch metrics from two
     # workers do not swamp a loaded server that the stop then needs.
-    cmd = _tune(tiny_data, storage, "t", "--epochs", "20000", "--n-trials", "2", "--n-workers", str(workers))
-    cmd[cmd.index("compare_cnn")] = "resnet_optimized"
+    cmd = _tune(tiny_data, storage, "t", "--epochs", "20000", "--n-trials", "2", "--n-workers", str(workers),
+                "--model-name", "resnet_optimized")  # the later --model-name wins
     with open(log_path, "w") as log:
         # SIGINT at its default, as in a terminal: a suite started in the background by a shell
         # without job control inherits SIGINT ignored, and Python then leaves it ignored.

@@ -48,14 +48,18 @@ class Splits:
         return self.train.digest()[:8] + self.val.digest()[:8]
 
     @cached_property
+    def _parts(self) -> tuple[PairSet, PairSet]:
+        return val_parts(self.val)
+
+    @property
     def select(self) -> PairSet:
         """The val rows training chooses on (``val_parts``)."""
-        return val_parts(self.val)[0]
+        return self._parts[0]
 
-    @cached_property
+    @property
     def gate(self) -> PairSet:
         """The val rows the champion gate judges on, chosen on by nothing (``val_parts``)."""
-        return val_parts(self.val)[1]
+        return self._parts[1]
 
 
 def check_data_dir(data_dir: str | Path | None) -> Path:

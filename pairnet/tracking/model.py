@@ -164,6 +164,17 @@ def accuracy_on(uri: str, pairs, client: MlflowClient | None = None) -> float:
     return accuracies_on(uri, pairs, client=client)[0]
 
 
+def gate_figure(name: str, version: str, gate):
+    """A registered version's figure on the gate pairs ``gate``, scored exactly as the gate scores a
+    champion from other data (``accuracy_on`` of the registry's copy), with that same scorer."""
+    from pairnet.tracking.registry import GateFigure
+
+    def evaluate(uri: str) -> float:
+        return accuracy_on(uri, gate)
+
+    return GateFigure.on(evaluate(f"models:/{name}/{version}"), gate, evaluate)
+
+
 def accuracies_on(uri: str, *pair_sets, client: MlflowClient | None = None, tta: bool = False) -> list[float]:
     """Its accuracy on each labelled pair set, the model downloaded and loaded once; ``tta``: of
     the mean probability over the test-time shifts (``pairnet.tta``)."""

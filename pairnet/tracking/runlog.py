@@ -22,7 +22,7 @@ from pairnet.tracking import registry
 from pairnet.tracking.callback import final_metrics
 from pairnet.tracking.evaluation import log_evaluation
 from pairnet.tracking.init_from import PRESET_TAG
-from pairnet.tracking.model import accuracy_on, log_pair_model
+from pairnet.tracking.model import gate_figure, log_pair_model
 from pairnet.train.config import TrainConfig
 from pairnet.device import amp_dtype
 from pairnet.train.loop import FitResult, metrics_from_logits, predict_logits
@@ -127,20 +127,20 @@ def log_outcome(model, result: FitResult, cfg: TrainConfig, splits: Splits, dev,
     val_acc = float(final[names.VAL_ACC])
     # The gate part of val, chosen on by nothing: the registered model scored there exactly as a
     # champion from other data would be, so the gate compares like with like.
-    gate_acc = accuracy_on(f"models:/{registered}/{version}", splits.gate)
-    mlflow.log_metric("gate_acc", gate_acc)
+    gate = gate_figure(registered, version, splits.gate)
+    mlflow.log_metric("gate_acc", gate.acc)
     decision = registry.register_and_gate(registered, version, val_acc, run_id, {
         "val_auc": f"{final['val_auc']:.6f}", "stage": stage, "model": cfg.model_name, "seed": cfg.seed,
         **({PRESET_TAG: preset} if preset else {}),
         **({"init_from": init_uri} if init_uri else {}),
         **({"test_public_acc": f"{final['test_public_acc']:.6f}"} if "test_public_acc" in final else {}),
     }, val_digest=splits.val.digest(),
-        gate=registry.GateFigure.on(gate_acc, splits.gate, lambda uri: accuracy_on(uri, splits.gate)),
+        gate=gate,
         description=(f"{stage} {cfg.model_name} seed {cfg.seed}, trained on data {splits.digest()}"
                     + (f" from {init_uri}" if init_uri else "") + f" (run {run_id})"),
         model_description=(f"pairnet {cfg.model_name}: a siamese CNN saying whether the left digit of a pair is "
                            "greater than the right one; input uint8 pairs (N, 28, 56), output P(label 1)."))
-    return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc, "gate_acc": gate_acc,
+    return {"run_id": run_id, "name": registered, "version": version, "val_acc": val_acc, "gate_acc": gate.acc,
             "test_public_acc": final.get("test_public_acc"), "promoted": decision.promoted,
             "model": cfg.model_name, "stage": stage, "seed": cfg.seed, "init_from": init_uri,
             "model_id": info.model_id}
