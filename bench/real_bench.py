@@ -20,10 +20,15 @@
    the other folds of the same half (``folds``, default) or, on the reporting half, from the
    whole choosing half (``choose-half``: one model per arm, scored on each reporting fold).
    The JSON says which half was scored and where the labels came from.
+4. ``--pseudo-digits TAU`` (self-training): the fine-tuned arm also learns digits, from the
+   tower's own digit calls on its training pairs, kept where they agree with the pair's label
+   (the joint digit distribution restricted to the digit pairs the label allows) and the
+   half's posterior is at least TAU.
 
 Usage: python bench/real_bench.py --pairs ../shared/realdev/real_dev.npz [--folds 5]
        [--half choose|report|all] [--train-from folds|choose-half]
        [--init-from URI | --tower PATH] [--epochs N] [--select last|inner] [--ft key=value] [--tta]
+       [--pseudo-digits TAU]
 Last line: a JSON object of the figures.
 """
 
@@ -40,14 +45,15 @@ import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from pairnet.data.generate import FILES, SIZES, GenConfig, make_dataset
+from pairnet.data.generate import FILES, SIZES, GenConfig, base_scans, make_dataset, make_split, split_pools
 from pairnet.data.pairs import PairSet, load_pairs, to_labels
 from pairnet.models import create_model
 from pairnet.models.transfer import copy_matching
+from pairnet.pipeline import FINETUNE_DIGIT_WEIGHT
 from pairnet.presets import build_config
 from pairnet.tta import mean_over_shifts
 from pairnet.train import fit, pick_device, predict_proba
-from pairnet.train.loop import Callback, amp_dtype, evaluate
+from pairnet.train.loop import Callback, amp_dtype, evaluate, predict_with_digits
 
 # The settings each arm reports in the JSON.
 REPORTED = ("model_name", "width_mult", "feat_dim", "epochs", "batch_size", "lr", "tower_lr_mult", "freeze_epochs",
@@ -95,6 +101,9 @@ def pretrain(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         make_dataset(tmp, gen)
         train, val = load_pairs(Path(tmp, FILES["train"])), load_pairs(Path(tmp, FILES["val"]))
+    if args.pretrain_pairs:  # a train split of another size, from the same scans and settings
+        scans, targets = base_scans(gen.bases)
+        train = make_split("train", args.pretrain_pairs, scans, split_pools(targets, gen.seed)["train"], gen)
     if args.pretrain_train:
         train = PairSet(x=train.x[:args.pretrain_train], y=train.y[:args.pretrain_train],
                         extras={k: v[:args.pretrain_train] for k, v in train.extras.items()}, source=train.source)
@@ -159,11 +168,13 @@ def parse_overrides(items: list[str], current: dict) -> dict:
     return out
 
 
-def arm_configs(variant: str, epochs: int | None, ft_over: list[str]):
-    """Fine-tuning: the settings a stage gets with init_from at quick (then any --ft values);
-    scratch: the stage's quick settings with the same epochs and no early stop."""
+def arm_configs(variant: str, epochs: int | None, ft_over: list[str], digit_loss: bool = False):
+    """Fine-tuning: the settings a stage gets with init_from at quick (then any --ft values; the
+    digit loss on with ``digit_loss``); scratch: the stage's quick settings with the same epochs
+    and no early stop."""
     ft = build_config("stage2", "quick", {"model_name": variant, "init_from": "models:/real-bench@tower",
-                                          **({"epochs": epochs} if epochs else {})})
+                                          **({"epochs": epochs} if epochs else {}),
+                                          **({"aux_digit_weight": FINETUNE_DIGIT_WEIGHT} if digit_loss else {})})
     ft = ft.updated(parse_overrides(ft_over, ft.flat())).validate() if ft_over else ft
     ft = replace(ft, init_from="", patience=0)
     scratch = build_config("stage2", "quick", {"model_name": variant, "epochs": ft.epochs, "patience": 0})
@@ -172,7 +183,7 @@ def arm_configs(variant: str, epochs: int | None, ft_over: list[str]):
 
 def train_arm(cfg, source: torch.nn.Module | None, train: PairSet, select: str, seed: int, dev) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model_name, **cfg.model_overrides())
+    model = create_model(cfg.model_name, digit_head=cfg.aux_digit_weight > 0, **cfg.model_overrides())
     if source is not None:
         copy_matching(model, source.state_dict(), source_spec=source.spec, source="pretrained tower")
     if select == "inner":  # best epoch on an inner split of the training folds
@@ -184,6 +195,28 @@ def train_arm(cfg, source: torch.nn.Module | None, train: PairSet, select: str, 
     fit(model, train, train, cfg, device=dev, callbacks=[last])
     model.load_state_dict(last.state)
     return model
+
+
+IGNORE = -100  # cross_entropy's default ignore_index: a half without a kept pseudo-label
+
+
+def consistent_digits(tower: torch.nn.Module, pairs: PairSet, tau: float, dev, amp) -> np.ndarray:
+    """(N, 2) digit pseudo-labels: the tower's joint digit distribution of each pair kept on the
+    digit pairs its label allows (left > right for label 1, else left <= right), each half's
+    most likely digit under it where that half's posterior is >= tau, else IGNORE."""
+    _, logits = predict_with_digits(tower, pairs.x, device=dev, amp=amp)
+    p = torch.softmax(logits.float(), -1).numpy()
+    joint = p[:, 0, :, None] * p[:, 1, None, :]  # [n, left digit, right digit]
+    greater = np.tril(np.ones((10, 10), dtype=bool), -1)
+    allowed = np.where(pairs.require_labels()[:, None, None] == 1, greater, ~greater)
+    post = joint * allowed
+    post /= post.sum(axis=(1, 2), keepdims=True) + 1e-12
+    halves = np.stack([post.sum(2), post.sum(1)], axis=1)  # (n, 2, 10)
+    return np.where(halves.max(-1) >= tau, halves.argmax(-1), IGNORE)
+
+
+def with_digits(pairs: PairSet, digits: np.ndarray) -> PairSet:
+    return PairSet(pairs.x, pairs.y, extras={"digit_a": digits[:, 0], "digit_b": digits[:, 1]}, source=pairs.source)
 
 
 def acc(model, pairs: PairSet, dev, amp, tta: bool = False) -> float:
@@ -211,6 +244,8 @@ def main() -> None:
     ap.add_argument("--select", default="last", choices=("last", "inner"))
     ap.add_argument("--pretrain-size", default="quick", choices=sorted(SIZES))
     ap.add_argument("--pretrain-train", type=int, default=0, help="cut the pretrain train split to N pairs (0: all)")
+    ap.add_argument("--pretrain-pairs", type=int, default=0,
+                    help="make the pretrain train split N pairs (same scans and settings; 0: the size's)")
     ap.add_argument("--pretrain-epochs", type=int, default=0, help="0: the quick preset's")
     ap.add_argument("--gen", action="append", default=[], help="GenConfig override key=value (repeatable)")
     ap.add_argument("--zero-shot-only", action="store_true", help="only the zero-shot figures (a cheap filter)")
@@ -218,6 +253,9 @@ def main() -> None:
     ap.add_argument("--ft", action="append", default=[], help="TrainConfig override key=value of the fine-tuned arm")
     ap.add_argument("--tta", action="store_true", help="also score every arm by the mean over test-time shifts "
                     "(pairnet.tta): the figures *_tta_acc beside the plain ones")
+    ap.add_argument("--pseudo-digits", type=float, default=None, metavar="TAU",
+                    help="fine-tuned arm: the digit loss on the tower's digit pseudo-labels, consistent with each "
+                         "pair's label, for the halves whose posterior is >= TAU (self-training)")
     ap.add_argument("--arms", default="finetuned,scratch", help="trained arms to run (comma-separated)")
     ap.add_argument("--half", default="all", choices=("choose", "report", "all"),
                     help="choose: the even rows; report: the odd rows; all: every row (default all)")
@@ -238,7 +276,7 @@ def main() -> None:
     pretrained, info = load_tower(args, dev)
     amp = amp_dtype("auto", dev)
     print(f"tower: {info['source']}, default-data val acc {info['val_acc']}, {info['seconds']} s")
-    configs = arm_configs(args.variant, args.epochs, args.ft)
+    configs = arm_configs(args.variant, args.epochs, args.ft, digit_loss=args.pseudo_digits is not None)
     configs = {arm: cfg for arm, cfg in configs.items() if arm in args.arms.split(",")}
     folds = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
     per_fold: dict[str, list[float]] = {"zero_shot": [], "finetuned": [], "scratch": []}
@@ -246,6 +284,16 @@ def main() -> None:
         per_fold.update({"zero_shot_tta": [], "finetuned_tta": [], "scratch_tta": []})
     arm_seconds = {"finetuned": 0.0, "scratch": 0.0}
     trained_once = {}  # --train-from choose-half: one model per arm, from the choosing half
+    kept = []  # --pseudo-digits: the share of halves that got a pseudo-label, per training set
+
+    def labelled(arm: str, pairs: PairSet) -> PairSet:
+        """--pseudo-digits: the fine-tuned arm's pairs with the tower's pair-consistent digits."""
+        if arm != "finetuned" or args.pseudo_digits is None:
+            return pairs
+        digits = consistent_digits(pretrained, pairs, args.pseudo_digits, dev, amp)
+        kept.append(float(np.mean(digits != IGNORE)))
+        return with_digits(pairs, digits)
+
     for k, (train_idx, test_idx) in enumerate(folds.split(real.x, real.y)):
         train, test = subset(real, train_idx, f"fold{k}-train"), subset(real, test_idx, f"fold{k}-test")
         per_fold["zero_shot"].append(round(acc(pretrained, test, dev, amp), 4))
@@ -256,10 +304,10 @@ def main() -> None:
                 t = time.perf_counter()
                 source = pretrained if arm == "finetuned" else None
                 if outside is None:
-                    model = train_arm(cfg, source, train, args.select, k, dev)
+                    model = train_arm(cfg, source, labelled(arm, train), args.select, k, dev)
                 else:
                     if arm not in trained_once:
-                        trained_once[arm] = train_arm(cfg, source, outside, args.select, 0, dev)
+                        trained_once[arm] = train_arm(cfg, source, labelled(arm, outside), args.select, 0, dev)
                     model = trained_once[arm]
                 per_fold[arm].append(round(acc(model, test, dev, amp), 4))
                 if args.tta:
@@ -271,7 +319,8 @@ def main() -> None:
            "trained_on": ("the whole choosing half (the even rows)" if outside is not None
                           else f"the other folds of the {args.half} half"),
            "fold_seed": args.fold_seed, "select": args.select, "device": str(dev),
-           "zero_shot_all_acc": round(acc(pretrained, real, dev, amp), 4), "tta": args.tta}
+           "zero_shot_all_acc": round(acc(pretrained, real, dev, amp), 4), "tta": args.tta,
+           "pseudo_digits": args.pseudo_digits, **({"pseudo_kept": round(float(np.mean(kept)), 4)} if kept else {})}
     for arm, values in per_fold.items():
         if values:
             out[f"{arm}_acc"], out[f"{arm}_std"] = summary(values)

@@ -8,7 +8,9 @@ README), cut into the same stratified folds as real_bench, the bench reports:
 - each tower: zero-shot accuracy, plain and with test-time shifts (``pairnet.tta``), and its
   pretraining minutes;
 - the ensemble curve: the mean probability of the first K towers, for K = 1..n, plain and with
-  shifts, against the minutes those K towers cost.
+  shifts, against the minutes those K towers cost;
+- ``--bn-adapt``: each tower also with its BatchNorm statistics estimated afresh on the half's
+  own images (no labels used), the cheapest adaptation to new handwriting.
 
 Nothing is trained here. Usage:
     python bench/tower_bench.py --pairs ../shared/realdev/real_dev.npz --half choose \\
@@ -19,10 +21,12 @@ Last line: a JSON object of the figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedKFold
 
 from pairnet.data.pairs import load_pairs, to_labels
@@ -30,6 +34,20 @@ from pairnet.train import pick_device, predict_proba
 from pairnet.train.loop import amp_dtype
 from pairnet.tta import mean_over_shifts
 from real_bench import half_rows, saved_tower  # bench/ is on the path when this script runs
+
+
+def bn_adapted(model: torch.nn.Module, x: np.ndarray, batch: int = 100) -> torch.nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are the plain average over ``x``."""
+    adapted = copy.deepcopy(model).eval()
+    norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch
+        m.train()
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            adapted(torch.from_numpy(x[start:start + batch]).float().div_(255))
+    return adapted.eval()
 
 
 def fold_accs(prob: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -> list[float]:
@@ -47,6 +65,8 @@ def main() -> None:
                     help="choose: the even rows; report: the odd rows; all: every row (default choose)")
     ap.add_argument("--tower", action="append", required=True, help="a tower saved by real_bench.py (repeatable; "
                                                                      "the ensemble takes them in this order)")
+    ap.add_argument("--bn-adapt", action="store_true", help="also read each tower with BatchNorm statistics "
+                                                             "estimated on the half's images")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold-seed", type=int, default=0)
     args = ap.parse_args()
@@ -70,6 +90,9 @@ def main() -> None:
                        "default_data_val_acc": info.get("val_acc"), "pretrain_minutes": minutes,
                        "zero_shot": summary(fold_accs(plain[-1], y, folds)),
                        "zero_shot_tta": summary(fold_accs(shifted[-1], y, folds))})
+        if args.bn_adapt:
+            prob = predict_proba(bn_adapted(model, x), x, device=dev, amp=amp)
+            towers[-1]["zero_shot_bn_adapted"] = summary(fold_accs(prob, y, folds))
         print(f"{path}: zero-shot {towers[-1]['zero_shot']['acc']:.4f}, with shifts "
               f"{towers[-1]['zero_shot_tta']['acc']:.4f}, {minutes} min to pretrain")
     curve = []

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -34,7 +34,7 @@ from pairnet.tracking import registry
 from pairnet.tracking.lifecycle import experiment_url, log_config_file, tracked_run
 from pairnet.tracking.model import accuracies_on
 from pairnet.train.loop import amp_dtype, digit_labels, pick_device
-from pairnet.data.splits import check_data_dir, load_splits, preset_data_dir
+from pairnet.data.splits import Splits, check_data_dir, load_splits, preset_data_dir
 from pairnet.stages import registered_for
 from pairnet.tracking.checkpoints import ARTIFACT_DIR
 from pairnet.tracking.server import tracking_uri
@@ -267,7 +267,7 @@ def _plan_only(req: PipelineRequest, preset: dict, d: Path) -> dict:
         log.warning("%s; the plan cannot tell reused steps, so it counts every step", err)
         client = None
     recipe = decide(req, preset, d)
-    steps = plan_steps(req, preset, d, recipe, client, code_version(), environment())
+    steps = plan_steps(Ctx(req, preset, d, recipe, code_version(), environment(), client))
     return {"plan": steps, "text": plan.render(steps, _plan_header(req, d, recipe)), "eta_seconds": plan.total(steps)}
 
 
@@ -294,90 +294,289 @@ def _sizes(folder: Path | None, size: str) -> dict[str, int]:
     return dict(SIZES[size])
 
 
-def plan_steps(req: PipelineRequest, preset: dict, d: Path, recipe: Recipe, client: MlflowClient | None,
-               code: str, env: dict) -> list[plan.Step]:
+# ------------------------------------------------------------------ the steps
+@dataclass
+class Ctx:
+    """What the steps of one pipeline hand on to each other: the request and its recipe, and
+    what earlier steps made or found. A plan fills it without running anything (``parent`` is
+    None); a run fills it as the steps run."""
+
+    req: PipelineRequest
+    preset: dict
+    d: Path
+    recipe: Recipe
+    code: str
+    env: dict
+    client: MlflowClient | None  # None: a plan that cannot reach the store (every step counts)
+    parent: str | None = None  # the pipeline run (None: planning)
+    eta: Eta | None = None
+    gen: GenConfig | None = None  # the default set the folder holds or will hold
+    sizes: dict = field(default_factory=dict)  # pairs per split of the folder
+    splits: Splits | None = None  # the folder's (a plan: None until its data exist)
+    tower_sizes: dict = field(default_factory=dict)
+    tower_splits: Splits | None = None
+    tower_extra: dict = field(default_factory=dict)  # training values pretraining adds on the default set
+    towers: dict = field(default_factory=dict)  # variant -> registered version (a plan: None when made by this run)
+    tower_rows: dict = field(default_factory=dict)  # variant -> the pretrain step's row (a run)
+    tuned: dict = field(default_factory=dict)  # lr and weight decay for the base models
+    bases: list = field(default_factory=list)  # the base models' versions (a plan: None when trained by this run)
+    rows: list = field(default_factory=list)  # the ladder's rows, in order (a run)
+    trained: list = field(default_factory=list)  # the base models' and the twin's rows (a run)
+    stack: dict | None = None  # the stack step's row (a run)
+    stack_reused: bool = False  # a plan: the stack's finished run is reused
+    n_bases: int = 0
+    pair_s: float = 0.0  # a plan: seconds to score one pair with a base model
+    reused: list = field(default_factory=list)
+    ship: dict | None = None
+    predictions: Path | None = None
+
+    @property
+    def device(self):
+        return pick_device(self.req.device)
+
+    def tower_uri(self, variant: str) -> str:
+        row = self.tower_rows[variant]
+        return f"models:/{row['name']}/{row['version']}"
+
+    def speed(self, cfg) -> plan.Speed:
+        return plan.measure(cfg, self.device, keep=not self.req.plan)
+
+
+class PipelineStep:
+    """One step of the pipeline, described once: ``describe`` is what the plan shows (what it
+    trains, on how many pairs, whether a finished run of it is reused, its estimate), ``run``
+    does it (reusing by the same key, resuming an interrupted run). ``--plan`` prints the
+    descriptions, the ETA follows them, and a run runs the same list."""
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        raise NotImplementedError
+
+    def run(self, c: Ctx) -> None:
+        raise NotImplementedError
+
+
+class DataStep(PipelineStep):
+    """The folder's pairs: the user's files as they are, or the default set, made when absent."""
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        c.gen = GenConfig(size=c.preset["data_size"], seed=c.req.seed)
+        c.sizes = _sizes(c.d, c.gen.size)
+        c.splits = load_splits(c.d, c.req.preset) if has_pair_files(c.d) else None
+        if has_pair_files(c.d):
+            return []
+        n = sum(c.sizes.values())
+        return [plan.Step("data", "data", f"make the default {c.gen.size} set in {c.d}", n,
+                          seconds=n * plan.make_pair_seconds())]
+
+    def run(self, c: Ctx) -> None:
+        c.gen = GenConfig(size=c.preset["data_size"], seed=c.req.seed)
+        if has_pair_files(c.d) and _meta_matches(c.d, c.gen):
+            log.info("step data: reused the %s dataset in %s", c.gen.size, c.d)
+            c.reused.append("data")
+        elif has_pair_files(c.d):
+            log.info("step data: your pair files in %s (not the default set) are used as they are", c.d)
+        else:
+            c.eta.start("data")
+            _run_data_step(c.d, c.gen, c.parent)
+        c.splits = load_splits(c.d, c.req.preset)
+
+
+class TowerDataStep(PipelineStep):
+    """Where the towers pretrain: the folder itself, or the default set beside it (made once)."""
+
+    def label(self, c: Ctx) -> str:
+        return f"data {c.recipe.tower_set.size} default set" if c.recipe.tower_set else ""
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        r = c.recipe
+        c.tower_sizes = _sizes(r.tower_dir, r.tower_set.size if r.tower_set else c.gen.size)
+        c.tower_extra = r.tower_values
+        if not r.beside:
+            c.tower_splits = c.splits
+        else:  # a tower folder without pair files yet: the tower will be new
+            c.tower_splits = load_splits(r.tower_dir, c.req.preset) if has_pair_files(r.tower_dir) else None
+        if r.tower_set is None or has_pair_files(r.tower_dir):
+            return []
+        n = sum(c.tower_sizes.values())
+        return [plan.Step(self.label(c), "data", f"make the default {r.tower_set.size} set in {r.tower_dir} (once)",
+                          n, seconds=n * plan.make_pair_seconds())]
+
+    def run(self, c: Ctx) -> None:
+        c.eta.start(self.label(c))
+        c.tower_splits, c.tower_extra = pretrain_splits(c.recipe, c.req, c.splits)
+
+
+class PretrainStep(PipelineStep):
+    """A tower: digit and pair losses on the tower's data."""
+
+    def __init__(self, variant: str):
+        self.variant = variant
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        step, version = _train_plan(("pretrain", self.variant, 42, None), c, c.tower_splits, c.tower_sizes,
+                                    c.tower_extra, what=f"tower {self.variant}: digit + pair losses on "
+                                                        f"{c.recipe.tower_dir}", known=True)
+        c.towers[self.variant] = version
+        return [step]
+
+    def run(self, c: Ctx) -> None:
+        row = _train_steps([("pretrain", self.variant, 42, None)], c, c.tower_splits, c.tower_extra)[0]
+        c.rows.append(row)
+        c.tower_rows[self.variant] = row
+        c.towers[self.variant] = row["version"]
+
+
+class ZeroShotStep(PipelineStep):
+    """A tower pretrained beside the folder, as it is, on the folder's val and test_public."""
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.label = f"zero-shot/{variant}"
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        speed = c.speed(build_config("pretrain", c.req.preset, {"model_name": self.variant}))
+        n = c.sizes["val"] + c.sizes.get("public", 0)
+        views = len(SHIFTS) if c.req.tta else 1  # scoring with test-time shifts scores each pair this often
+        return [plan.Step(self.label, "zero_shot", "the tower as it is, scored on your val and test_public"
+                          + (" (mean over test-time shifts)" if c.req.tta else ""), n,
+                          seconds=plan.LOAD_S + views * n * speed.pair_s)]
+
+    def run(self, c: Ctx) -> None:
+        c.eta.start(self.label)
+        c.rows.append(zero_shot_row(c.tower_rows[self.variant], c.splits, c.req.tta))
+
+
+class TuneStep(PipelineStep):
+    """lr and weight decay for the base models: an Optuna study on the folder, or an existing one."""
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        req = c.req
+        if req.from_study:
+            return [plan.Step(tune_label(req), "tune", f"the best lr and weight decay of study {req.from_study}",
+                              reused=True)]
+        stage, variant, seed, init = c.recipe.models[0]  # each trial trains the first base model's config once
+        cfg, _, _ = step_config("tune", variant, seed, "models:/tower/1" if init else None, req.preset,
+                                c.splits is None or digit_labels(c.splits.train) is not None)
+        seconds = req.tune_trials * plan.train_seconds(cfg, c.sizes["train"], c.sizes["val"], 0, c.speed(cfg))
+        return [plan.Step(tune_label(req), "tune", f"Optuna: {req.tune_trials} trials of lr and weight decay "
+                          f"for {variant}", c.sizes["train"], cfg.epochs, reused=None, seconds=seconds)]
+
+    def run(self, c: Ctx) -> None:
+        c.eta.start(tune_label(c.req))
+        c.tuned = _tune_step(c)
+
+
+class BaseModelsStep(PipelineStep):
+    """The base models, from the exact tower versions the towers' steps registered or reused
+    (not whichever version holds the alias now), with the tuned values; then the from-scratch
+    twin, a reference row with the preset's values."""
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        r, tuning = c.recipe, bool(c.req.tune_trials or c.req.from_study)  # keys wait for the tuned values
+        out = []
+        c.bases = []
+        for row in [*r.models, *([r.twin] if r.twin else [])]:
+            stage, variant, seed, init = row
+            init_uri = f"models:/{registered_for('pretrain', init)}/{c.towers.get(init) or 'new'}" if init else None
+            known = bool(not init or c.towers.get(init)) and not (tuning and row != r.twin)
+            step, version = _train_plan((stage, variant, seed, init_uri), c, c.splits, c.sizes, None, known=known,
+                                        what=("fine-tune the tower" if init else "from scratch")
+                                        + " on your train, judged on your val")
+            if tuning and not known and (not init or c.towers.get(init)):
+                step.reused = None  # reused when the tuning step is
+            out.append(step)
+            c.bases.append(version)
+        del c.bases[len(r.models):]  # the twin is not a base model
+        return out
+
+    def run(self, c: Ctx) -> None:
+        r = c.recipe
+        trained = _train_steps([(stage, variant, seed, c.tower_uri(init) if init else None)
+                                for stage, variant, seed, init in r.models], c, c.splits, c.tuned or None)
+        if r.twin:
+            trained += _train_steps([r.twin], c, c.splits)
+        c.trained = trained
+        c.rows += trained
+
+
+def _stack_bases(c: Ctx) -> list[dict]:
+    """The stack's base models (a run): the base models, and the towers pretrained on other data
+    than the folder's (their zero-shot rows): untouched by the folder's labels, they err
+    differently from the models fine-tuned on them. The from-scratch twin is a reference row."""
+    return c.trained[:len(c.recipe.models)] + [row for row in c.rows if row.get("zero_shot")]
+
+
+class StackStep(PipelineStep):
+    """LightGBM over the base models' probabilities, 5-fold CV on val."""
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        r = c.recipe
+        n_bases = len(r.models) + (len(r.towers) if r.beside else 0)
+        scored = c.sizes["val"] + c.sizes.get("public", 0) + c.sizes.get("private", 0)
+        reused = False
+        uris = _base_uris(r, c.bases, c.towers)
+        if c.client is not None and uris is not None:  # every base reused: the stack's key is known now
+            done = find_finished(stack_key(uris, c.d, c.code, c.env), c.client)
+            reused = done is not None and _version_exists(done, c.client, registry.stack_name())
+        # Scoring speed of a base model (the stack and the predictions score every base on their pairs).
+        c.pair_s = 0.0 if reused else \
+            c.speed(build_config("stage2", c.req.preset, {"model_name": r.models[0][1]})).pair_s
+        c.stack_reused, c.n_bases = reused, n_bases
+        return [plan.Step("stack", "stack", f"LightGBM over {n_bases} base models, 5-fold CV on val", scored,
+                          reused=reused, seconds=n_bases * (plan.LOAD_S + scored * c.pair_s) + plan.STEP_OVERHEAD_S)]
+
+    def run(self, c: Ctx) -> None:
+        from pairnet.stack import StackRequest, run_stack
+
+        c.eta.start("stack")
+        c.stack = _stack_step(_stack_bases(c), c, lambda r: run_stack(StackRequest(**r)))
+
+
+class PredictStep(PipelineStep):
+    """predictions_private.csv from the model that ships: the stack, unless its out-of-fold val
+    is not above the best base model's val (the towers' zero-shot rows included)."""
+
+    def describe(self, c: Ctx) -> list[plan.Step]:
+        views = len(SHIFTS) if c.req.tta else 1
+        n = c.sizes.get("private", 0)
+        return [plan.Step("predict", "predict", "predictions_private.csv from the model that ships"
+                          + (" (mean over test-time shifts)" if c.req.tta else ""), n,
+                          reused=None if c.stack_reused else False,
+                          seconds=c.n_bases * (plan.LOAD_S + views * n * c.pair_s))]
+
+    def run(self, c: Ctx) -> None:
+        c.ship = ship_choice(c.stack, _stack_bases(c))
+        c.eta.start("predict")
+        c.predictions = c.d / "predictions_private.csv"
+        key = predict_key(model_uri(c.ship), c.d, c.code, c.env, c.req.tta)
+        done = find_finished(key, c.client)
+        if done is not None and c.predictions.exists() and \
+                done.data.tags.get(names.TAG_OUTPUT_DIGEST) == file_digest(c.predictions):
+            log.info("step predict: reused run %s (%s)", done.info.run_id, c.predictions)
+            c.reused.append("predict")
+        else:
+            _run_predict_step(model_uri(c.ship), c.d, c.predictions, c.parent, key, c.req.tta)
+
+
+def pipeline_steps(req: PipelineRequest, recipe: Recipe) -> list[PipelineStep]:
+    """The request's steps, in order: the one description a plan prints and a run runs
+    (``pretrain=none``: a recipe without towers, so no tower steps)."""
+    steps: list[PipelineStep] = [DataStep()]
+    if recipe.towers:
+        steps.append(TowerDataStep())
+        for variant in recipe.towers:
+            steps.append(PretrainStep(variant))
+            if recipe.beside:
+                steps.append(ZeroShotStep(variant))
+    if req.tune_trials or req.from_study:
+        steps.append(TuneStep())
+    return steps + [BaseModelsStep(), StackStep(), PredictStep()]
+
+
+def plan_steps(c: Ctx) -> list[plan.Step]:
     """Every step of the run, in order, with its size, whether a finished run of it can be
     reused (from the tracking store, by step key) and its time on this machine."""
-    views = len(SHIFTS) if req.tta else 1  # scoring with test-time shifts scores each pair this often
-    dev = pick_device(req.device)
-    steps: list[plan.Step] = []
-    gen = GenConfig(size=preset["data_size"], seed=req.seed)
-    sizes = _sizes(d, gen.size)
-    if not has_pair_files(d):
-        steps.append(plan.Step("data", "data", f"make the default {gen.size} set in {d}", sum(sizes.values()),
-                               seconds=sum(sizes.values()) * plan.make_pair_seconds()))
-    splits = load_splits(d, req.preset) if has_pair_files(d) else None
-    versions: dict[str, str | None] = {}  # tower variant -> the version reused (None: made by this run)
-    if recipe.towers:
-        tower_sizes = _sizes(recipe.tower_dir, recipe.tower_set.size if recipe.tower_set else gen.size)
-        if recipe.tower_set is not None and not has_pair_files(recipe.tower_dir):
-            n = sum(tower_sizes.values())
-            steps.append(plan.Step(f"data {recipe.tower_set.size} default set", "data",
-                                   f"make the default {recipe.tower_set.size} set in {recipe.tower_dir} (once)", n,
-                                   seconds=n * plan.make_pair_seconds()))
-        if not recipe.beside:
-            pre = splits
-        else:  # a tower folder without pair files yet: the tower will be new
-            pre = load_splits(recipe.tower_dir, req.preset) if has_pair_files(recipe.tower_dir) else None
-        for variant in recipe.towers:
-            step, version = _train_plan(("pretrain", variant, 42, None), req, pre, tower_sizes, code, env, client,
-                                        dev, recipe.tower_values, what=f"tower {variant}: digit + pair losses on "
-                                                                       f"{recipe.tower_dir}")
-            steps.append(step)
-            versions[variant] = version
-            if recipe.beside:
-                cfg = build_config("pretrain", req.preset, {"model_name": variant})
-                speed = plan.measure(cfg, dev, keep=not req.plan)
-                n = sizes["val"] + sizes.get("public", 0)
-                steps.append(plan.Step(f"zero-shot/{variant}", "zero_shot", "the tower as it is, scored on your "
-                                       "val and test_public" + (" (mean over test-time shifts)" if req.tta else ""),
-                                       n, seconds=plan.LOAD_S + views * n * speed.pair_s))
-    if req.tune_trials:  # each trial trains the first base model's config once
-        stage, variant, seed, init = recipe.models[0]
-        cfg, _, _ = step_config("tune", variant, seed, "models:/tower/1" if init else None, req.preset,
-                                splits is None or digit_labels(splits.train) is not None)
-        seconds = req.tune_trials * plan.train_seconds(cfg, sizes["train"], sizes["val"], 0,
-                                                       plan.measure(cfg, dev, keep=not req.plan))
-        steps.append(plan.Step(tune_label(req), "tune", f"Optuna: {req.tune_trials} trials of lr and weight decay "
-                               f"for {variant}", sizes["train"], cfg.epochs, reused=None, seconds=seconds))
-    elif req.from_study:
-        steps.append(plan.Step(tune_label(req), "tune", f"the best lr and weight decay of study {req.from_study}",
-                               reused=True))
-    tuning = bool(req.tune_trials or req.from_study)  # the base models' keys wait for the tuned values
-    rows = [*recipe.models, *([recipe.twin] if recipe.twin else [])]
-    bases: list[str | None] = []
-    for stage, variant, seed, init in rows:
-        init_uri = None
-        if init:
-            init_uri = f"models:/{registered_for('pretrain', init)}/{versions.get(init) or 'new'}"
-        known = (not init or versions.get(init)) and not (tuning and (stage, variant, seed, init) != recipe.twin)
-        step, version = _train_plan((stage, variant, seed, init_uri), req, splits, sizes, code, env,
-                                    client if known else None, dev, None,
-                                    what=("fine-tune the tower" if init else "from scratch")
-                                    + " on your train, judged on your val")
-        if tuning and not known and (not init or versions.get(init)):
-            step.reused = None  # reused when the tuning step is
-        steps.append(step)
-        bases.append(version)
-    n_bases = len(recipe.models) + (len(recipe.towers) if recipe.beside else 0)
-    scored = sizes["val"] + sizes.get("public", 0) + sizes.get("private", 0)
-    stack_reused = False
-    uris = _base_uris(recipe, bases[:len(recipe.models)], versions)
-    if client is not None and uris is not None:  # every base reused: the stack's key is known now
-        done = find_finished(stack_key(uris, d, code, env), client)
-        stack_reused = done is not None and _version_exists(done, client, registry.stack_name())
-    # Scoring speed of a base model (the stack and predictions score every base on their pairs).
-    pair_s = 0.0 if stack_reused else \
-        plan.measure(build_config("stage2", req.preset, {"model_name": recipe.models[0][1]}), dev,
-                     keep=not req.plan).pair_s
-    steps.append(plan.Step("stack", "stack", f"LightGBM over {n_bases} base models, 5-fold CV on val", scored,
-                           reused=stack_reused,
-                           seconds=n_bases * (plan.LOAD_S + scored * pair_s) + plan.STEP_OVERHEAD_S))
-    steps.append(plan.Step("predict", "predict", "predictions_private.csv from the model that ships"
-                           + (" (mean over test-time shifts)" if req.tta else ""),
-                           sizes.get("private", 0), reused=None if stack_reused else False,
-                           seconds=n_bases * (plan.LOAD_S + views * sizes.get("private", 0) * pair_s)))
-    return steps
+    return [view for step in pipeline_steps(c.req, c.recipe) for view in step.describe(c)]
 
 
 def _base_uris(recipe: Recipe, models: list[str | None], towers: dict[str, str | None]) -> str | None:
@@ -392,22 +591,23 @@ def _base_uris(recipe: Recipe, models: list[str | None], towers: dict[str, str |
     return ",".join(f"models:/{name}/{version}" for name, version in pairs)
 
 
-def _train_plan(step: tuple, req: PipelineRequest, splits, sizes: dict, code: str, env: dict,
-                client: MlflowClient | None, dev, overrides: dict | None, what: str) -> tuple[plan.Step, str | None]:
+def _train_plan(step: tuple, c: Ctx, splits, sizes: dict, overrides: dict | None, what: str,
+                known: bool) -> tuple[plan.Step, str | None]:
     """A training step as the plan shows it, and the version a reusable finished run of it
-    registered (None when it will train). Without ``splits`` (data not made yet) it trains on
-    the default set, which carries digit labels."""
+    registered (None when it will train). Its key is looked up only when ``known`` (the
+    versions it starts from are) and the data exist; without ``splits`` (data not made yet) it
+    trains on the default set, which carries digit labels."""
     stage, variant, seed, init_uri = step
     digits = splits is None or digit_labels(splits.train) is not None
-    cfg, _, label = step_config(stage, variant, seed, init_uri, req.preset, digits, overrides)
+    cfg, _, label = step_config(stage, variant, seed, init_uri, c.req.preset, digits, overrides)
     version = None
-    if client is not None and splits is not None:
-        key = train_key(stage, variant, seed, init_uri, req, splits, code, env, overrides)[3]
-        done = find_finished(key, client)
-        if done is not None and _version_exists(done, client):
+    if known and c.client is not None and splits is not None:
+        key = train_key(stage, variant, seed, init_uri, c.req, splits, c.code, c.env, overrides)[3]
+        done = find_finished(key, c.client)
+        if done is not None and _version_exists(done, c.client):
             version = done.data.tags[names.TAG_MODEL_VERSION]
     seconds = 0.0 if version else plan.train_seconds(cfg, sizes["train"], sizes["val"], sizes.get("public", 0),
-                                                     plan.measure(cfg, dev, keep=not req.plan))
+                                                     c.speed(cfg))
     return plan.Step(label, "pretrain" if stage == "pretrain" else "train", what, sizes["train"], cfg.epochs,
                      reused=version is not None, seconds=seconds), version
 
@@ -431,118 +631,58 @@ class Eta:
 
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
-    from pairnet.stack import StackRequest, run_stack
     uri = setup_tracking(d)
     client = MlflowClient()
-    code = code_version()
-    env = environment()
+    code, env = code_version(), environment()
     recipe = decide(req, preset, d)
-    steps = plan_steps(req, preset, d, recipe, client, code, env)
-    eta = Eta(steps)
-    reused, rows = [], []
+    views = plan_steps(Ctx(req, preset, d, recipe, code, env, client))
     outside = "none" if req.pretrain == "none" else f"default set ({recipe.tower_dir})" if recipe.beside else ""
     with tracked_run(f"pipeline/{req.preset}", {names.TAG_STAGE: "pipeline", names.TAG_PRESET: req.preset,
                                                 "pairnet.code_version": code,
                                                 **({names.TAG_OUTSIDE_DATA: outside} if outside else {})},
                      description=f"the whole recipe at preset {req.preset}: data, pretrain, stages 2-3, stack, "
                                  "predictions; finished steps are reused") as run:
-        parent = run.run_id
+        c = Ctx(req, preset, d, recipe, code, env, client, parent=run.run_id, eta=Eta(views))
         mlflow.set_tag(names.TAG_NAMESPACE, registry.namespace())
         mlflow.log_params({"pipeline.preset": req.preset, "pipeline.data_dir": str(d), "pipeline.code_version": code,
                            "pipeline.pretrain_data_dir": req.pretrain_data_dir or "",
                            "pipeline.pretrain": req.pretrain, "pipeline.tta": req.tta})
         log_config_file(req.config_text)
-        text = plan.render(steps, _plan_header(req, d, recipe))
+        text = plan.render(views, _plan_header(req, d, recipe))
         log.info("%s", text)
         mlflow.log_text(text + "\n", "plan.txt")
-        mlflow.log_metric("eta_seconds", plan.total(steps))
-        # data
-        gen = GenConfig(size=preset["data_size"], seed=req.seed)
-        if has_pair_files(d) and _meta_matches(d, gen):
-            log.info("step data: reused the %s dataset in %s", gen.size, d)
-            reused.append("data")
-        elif has_pair_files(d):
-            log.info("step data: your pair files in %s (not the default set) are used as they are", d)
-        else:
-            eta.start("data")
-            _run_data_step(d, gen, parent)
-        splits = load_splits(d, req.preset)
-
-        # stage 0: pretrained towers, then the base models started from the exact versions
-        # these steps registered or reused (not whichever version holds the alias now)
-        pretrained = {}
-        if recipe.towers:
-            eta.start(*[s.label for s in steps if s.kind == "data" and s.label != "data"])
-            pre_splits, extra = pretrain_splits(recipe, req, splits)
-            for variant in recipe.towers:
-                row = _train_steps([("pretrain", variant, 42, None)], req, pre_splits, code, env, client, parent,
-                                   reused, extra, eta=eta)[0]
-                rows.append(row)
-                pretrained[variant] = f"models:/{row['name']}/{row['version']}"
-                if recipe.beside:  # the tower on the user's data, untouched
-                    eta.start(f"zero-shot/{variant}")
-                    rows.append(zero_shot_row(row, splits, req.tta))
-        tuned = {}
-        if req.tune_trials or req.from_study:
-            eta.start(tune_label(req))
-            tuned = _tune_step(req, recipe, pretrained, splits, code, env, client, parent, reused)
-        # The base models take the tuned values; the twin, a reference, keeps the preset's.
-        trained = _train_steps([(stage, variant, seed, pretrained[init] if init else None)
-                                for stage, variant, seed, init in recipe.models],
-                               req, splits, code, env, client, parent, reused, tuned or None, eta=eta)
-        if recipe.twin:
-            trained += _train_steps([recipe.twin], req, splits, code, env, client, parent, reused, eta=eta)
-        rows += trained
-        # The from-scratch twin is a reference row, not a base model. A tower pretrained on other
-        # data (the default set, for a folder without digit labels) is one: untouched by the
-        # folder's labels, it errs differently from the models fine-tuned on them.
-        base = trained[:len(recipe.models)] + [r for r in rows if r.get("zero_shot")]
-
-        eta.start("stack")
-        stack = _stack_step(base, d, req, code, env, client, parent, reused, lambda r: run_stack(StackRequest(**r)))
-
-        # predictions from the model that ships: the stack, unless its out-of-fold val is not
-        # above the best base model's val (the towers' zero-shot rows included)
-        ship = ship_choice(stack, base)
-        eta.start("predict")
-        pred_path = d / "predictions_private.csv"
-        key = predict_key(model_uri(ship), d, code, env, req.tta)
-        done = find_finished(key, client)
-        if done is not None and pred_path.exists() and \
-                done.data.tags.get(names.TAG_OUTPUT_DIGEST) == file_digest(pred_path):
-            log.info("step predict: reused run %s (%s)", done.info.run_id, pred_path)
-            reused.append("predict")
-        else:
-            _run_predict_step(model_uri(ship), d, pred_path, parent, key, req.tta)
-
+        mlflow.log_metric("eta_seconds", plan.total(views))
+        for step in pipeline_steps(req, recipe):
+            step.run(c)
+        stack, ship = c.stack, c.ship
         table = [{"model": r["name"] + _suffix(r), "version": r["version"], "stage": r["stage"],
                   "val_acc": r["val_acc"], "test_public_acc": r["test_public_acc"], "init_from": r["init_from"] or "",
-                  "ships": r is ship, "run_id": r["run_id"]} for r in rows]
+                  "ships": r is ship, "run_id": r["run_id"]} for r in c.rows]
         table.append({"model": registry.stack_name(), "version": stack["version"], "stage": "stack",
                       "val_acc": stack["cv_oof_acc"], "test_public_acc": stack["test_public_acc"], "init_from": "",
                       "ships": stack is ship, "run_id": stack["run_id"]})
         mlflow.log_dict(table, "ladder.json")
-        mlflow.log_metrics({"steps_reused": float(len(reused)), "stack_test_public_acc": stack["test_public_acc"]})
-        mlflow.set_tags({"pairnet.reused_steps": ",".join(reused)[:5000], names.TAG_SHIPS: model_uri(ship)})
-    ui = experiment_url(uri, client.get_run(parent).info.experiment_id)
-    return {"run_id": parent, "table": table, "reused": reused, "ui": ui, "predictions": str(pred_path),
-            "ships": model_uri(ship), "eta_seconds": plan.total(steps), "plan": steps}
+        mlflow.log_metrics({"steps_reused": float(len(c.reused)), "stack_test_public_acc": stack["test_public_acc"]})
+        mlflow.set_tags({"pairnet.reused_steps": ",".join(c.reused)[:5000], names.TAG_SHIPS: model_uri(ship)})
+    ui = experiment_url(uri, client.get_run(c.parent).info.experiment_id)
+    return {"run_id": c.parent, "table": table, "reused": c.reused, "ui": ui, "predictions": str(c.predictions),
+            "ships": model_uri(ship), "eta_seconds": plan.total(views), "plan": views}
 
 
 def tune_label(req: PipelineRequest) -> str:
     return f"tune/{req.from_study}" if req.from_study else f"tune/{registry.namespace()}-pipeline-{req.preset}"
 
 
-def _tune_step(req: PipelineRequest, recipe: Recipe, pretrained: dict, splits, code: str, env: dict,
-               client: MlflowClient, parent: str, reused: list) -> dict:
+def _tune_step(c: Ctx) -> dict:
     """lr and weight decay for the base models: an existing study's best trial (``from_study``),
     or a study of ``tune_trials`` trials nested in the pipeline run, reused by step key like any
     step. The trials train the first base model's variant as the base models will: from the
     tower when there is one, else from scratch."""
     from pairnet.tune import TuneRequest, best_of_study, run_tune
 
-    variant, init = recipe.models[0][1], recipe.models[0][3]
-    tower = pretrained[init] if init else ""
+    req, splits = c.req, c.splits
+    variant, init = c.recipe.models[0][1], c.recipe.models[0][3]
+    tower = c.tower_uri(init) if init else ""
     if req.from_study:
         best = best_of_study(TuneRequest(study_name=req.from_study, data_dir=str(splits.data_dir), preset=req.preset))
         log.info("step tune: the best trial (%d, val acc %.4f) of study %s: lr %.2e, weight decay %.2e",
@@ -552,16 +692,16 @@ def _tune_step(req: PipelineRequest, recipe: Recipe, pretrained: dict, splits, c
         return {"lr": best["lr"], "weight_decay": best["weight_decay"]}
     study = tune_label(req).removeprefix("tune/")
     key = step_key("tune", {"trials": req.tune_trials, "study": study, "model": variant, "init_from": tower,
-                            "preset": req.preset}, code, reads_digest(splits.data_dir, TRAIN_READS), env)
-    done = find_finished(key, client)
+                            "preset": req.preset}, c.code, reads_digest(splits.data_dir, TRAIN_READS), c.env)
+    done = find_finished(key, c.client)
     if done is not None and "best_lr" in done.data.params:
         log.info("step %s: reused run %s", tune_label(req), done.info.run_id)
-        reused.append(tune_label(req))
+        c.reused.append(tune_label(req))
         best = {"lr": float(done.data.params["best_lr"]), "weight_decay": float(done.data.params["best_weight_decay"])}
     else:
         out = run_tune(TuneRequest(model_name=variant, preset=req.preset, n_trials=req.tune_trials, study_name=study,
                                    data_dir=str(splits.data_dir), device=req.device, init_from=tower,
-                                   parent_run_id=parent, tags={names.TAG_STEP_KEY: key}))
+                                   parent_run_id=c.parent, tags={names.TAG_STEP_KEY: key}))
         if "best_params" not in out:
             raise PairnetRuntimeError(f"study {study} ended without a complete trial; nothing to tune the base models "
                                       "with (more tune_trials, or from_study)")
@@ -570,20 +710,19 @@ def _tune_step(req: PipelineRequest, recipe: Recipe, pretrained: dict, splits, c
     return best
 
 
-def _stack_step(base: list[dict], d: Path, req: PipelineRequest, code: str, env: dict, client: MlflowClient,
-                parent: str, reused: list, run_stack) -> dict:
+def _stack_step(base: list[dict], c: Ctx, run_stack) -> dict:
     """The stack over exactly ``base``'s versions: reused by key, or trained by ``run_stack``."""
     uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
-    key = stack_key(uris, d, code, env)
-    done = find_finished(key, client)
-    if done is not None and _version_exists(done, client, registry.stack_name()):
+    key = stack_key(uris, c.d, c.code, c.env)
+    done = find_finished(key, c.client)
+    if done is not None and _version_exists(done, c.client, registry.stack_name()):
         log.info("step stack: reused run %s", done.info.run_id)
-        reused.append("stack")
+        c.reused.append("stack")
         run_id, version = done.info.run_id, done.data.tags.get(names.TAG_MODEL_VERSION, "?")
         cv, public = done.data.metrics["cv_oof_acc"], done.data.metrics["test_public_acc_lightgbm_stack"]
     else:
-        out = run_stack(dict(models=uris, data_dir=str(d), preset=req.preset, parent_run_id=parent))
-        client.set_tag(out["run_id"], names.TAG_STEP_KEY, key)
+        out = run_stack(dict(models=uris, data_dir=str(c.d), preset=c.req.preset, parent_run_id=c.parent))
+        c.client.set_tag(out["run_id"], names.TAG_STEP_KEY, key)
         run_id, version = out["run_id"], out["version"]
         cv, public = out["cv_oof_acc"], out["table"][0]["test_public_acc"]
     return {"uri": f"models:/{registry.stack_name()}/{version}", "version": version, "cv_oof_acc": cv,
@@ -663,8 +802,7 @@ def predict_key(model_uri: str, d: Path, code: str, env: dict, tta: bool = False
                     reads_digest(d, PREDICT_READS), env)
 
 
-def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, env: dict, client: MlflowClient,
-                 parent: str, reused: list, overrides: dict | None = None, eta: Eta | None = None) -> list[dict]:
+def _train_steps(steps: list[tuple], c: Ctx, splits, overrides: dict | None = None) -> list[dict]:
     """Independent training steps (stage, variant, seed, init_from): each reuses the FINISHED
     run with its key, resumes an interrupted one (killed or failed, with a checkpoint) from its
     last epoch, or trains; ``req.jobs`` at a time in worker processes. Every run carries its
@@ -672,17 +810,18 @@ def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, en
     top of the preset's, for every step (and its key)."""
     from pairnet.parallel import Member, member_device, report_failures, train_members
 
+    req = c.req
     rows: list[dict | None] = []
     todo: list[tuple[int, Member, str]] = []
     for stage, variant, seed, init_from in steps:
-        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, code, env, overrides)
-        done = find_finished(key, client)
-        if done is not None and _version_exists(done, client):
+        cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, c.code, c.env, overrides)
+        done = find_finished(key, c.client)
+        if done is not None and _version_exists(done, c.client):
             log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
-            reused.append(label)
+            c.reused.append(label)
             rows.append(_summary_from_run(done))
             continue
-        resume = find_interrupted(key, client)
+        resume = find_interrupted(key, c.client)
         if resume:
             log.info("step %s: resumes interrupted run %s from its last checkpoint", label, resume)
         todo.append((len(rows), Member(cfg, stage, name, label, req.preset, member_device(req.device, len(todo)),
@@ -692,9 +831,9 @@ def _train_steps(steps: list[tuple], req: PipelineRequest, splits, code: str, en
     batches = [[t] for t in todo] if req.jobs == 1 else [todo]
     results = []
     for batch in batches:
-        if eta is not None and batch:
-            eta.start(*[m.run_name for _, m, _ in batch])
-        results += train_members([m for _, m, _ in batch], req.jobs, parent_run_id=parent,
+        if batch:
+            c.eta.start(*[m.run_name for _, m, _ in batch])
+        results += train_members([m for _, m, _ in batch], req.jobs, parent_run_id=c.parent,
                                  data_dir=str(splits.data_dir), preset=req.preset, splits=splits)
     for (index, _, _), res in zip(todo, results, strict=True):
         rows[index] = {**res, "reused": False}
