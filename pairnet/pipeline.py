@@ -156,6 +156,14 @@ def step_key(step: str, params: dict, code: str, reads: dict, env: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def reusable(key: str, client: MlflowClient, name: str | None = None) -> mlflow.entities.Run | None:
+    """The FINISHED run with ``key`` whose registered version still exists (``name``: under that
+    registered name rather than the one the run recorded): what a plan counts as reused and a
+    run reuses."""
+    done = find_finished(key, client)
+    return done if done is not None and _version_exists(done, client, name) else None
+
+
 def find_finished(key: str, client: MlflowClient) -> mlflow.entities.Run | None:
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exp_ids,
@@ -316,7 +324,7 @@ class Ctx:
     tower_sizes: dict = field(default_factory=dict)
     tower_splits: Splits | None = None
     tower_extra: dict = field(default_factory=dict)  # training values pretraining adds on the default set
-    towers: dict = field(default_factory=dict)  # variant -> registered version (a plan: None when made by this run)
+    towers: dict = field(default_factory=dict)  # a plan: variant -> the version reused (None: made by this run)
     tower_rows: dict = field(default_factory=dict)  # variant -> the pretrain step's row (a run)
     tuned: dict = field(default_factory=dict)  # lr and weight decay for the base models
     bases: list = field(default_factory=list)  # the base models' versions (a plan: None when trained by this run)
@@ -343,10 +351,10 @@ class Ctx:
 
 
 class PipelineStep:
-    """One step of the pipeline, described once: ``describe`` is what the plan shows (what it
+    """One step of the pipeline, in one place: ``describe`` is what the plan shows (what it
     trains, on how many pairs, whether a finished run of it is reused, its estimate), ``run``
-    does it (reusing by the same key, resuming an interrupted run). ``--plan`` prints the
-    descriptions, the ETA follows them, and a run runs the same list."""
+    does it (reusing by the same key through ``reusable``, resuming an interrupted run).
+    ``--plan`` prints the descriptions, the ETA follows them, and a run runs the same list."""
 
     def describe(self, c: Ctx) -> list[plan.Step]:
         raise NotImplementedError
@@ -384,13 +392,14 @@ class DataStep(PipelineStep):
 class TowerDataStep(PipelineStep):
     """Where the towers pretrain: the folder itself, or the default set beside it (made once)."""
 
-    def label(self, c: Ctx) -> str:
-        return f"data {c.recipe.tower_set.size} default set" if c.recipe.tower_set else ""
+    @staticmethod
+    def label(gen: GenConfig) -> str:
+        return f"data {gen.size} default set"
 
     def describe(self, c: Ctx) -> list[plan.Step]:
         r = c.recipe
         c.tower_sizes = _sizes(r.tower_dir, r.tower_set.size if r.tower_set else c.gen.size)
-        c.tower_extra = r.tower_values
+        c.tower_extra = r.tower_values if r.beside else {}  # as pretrain_splits gives the run
         if not r.beside:
             c.tower_splits = c.splits
         else:  # a tower folder without pair files yet: the tower will be new
@@ -398,11 +407,13 @@ class TowerDataStep(PipelineStep):
         if r.tower_set is None or has_pair_files(r.tower_dir):
             return []
         n = sum(c.tower_sizes.values())
-        return [plan.Step(self.label(c), "data", f"make the default {r.tower_set.size} set in {r.tower_dir} (once)",
-                          n, seconds=n * plan.make_pair_seconds())]
+        return [plan.Step(self.label(r.tower_set), "data",
+                          f"make the default {r.tower_set.size} set in {r.tower_dir} (once)", n,
+                          seconds=n * plan.make_pair_seconds())]
 
     def run(self, c: Ctx) -> None:
-        c.eta.start(self.label(c))
+        if c.recipe.tower_set is not None:
+            c.eta.start(self.label(c.recipe.tower_set))
         c.tower_splits, c.tower_extra = pretrain_splits(c.recipe, c.req, c.splits)
 
 
@@ -423,7 +434,6 @@ class PretrainStep(PipelineStep):
         row = _train_steps([("pretrain", self.variant, 42, None)], c, c.tower_splits, c.tower_extra)[0]
         c.rows.append(row)
         c.tower_rows[self.variant] = row
-        c.towers[self.variant] = row["version"]
 
 
 class ZeroShotStep(PipelineStep):
@@ -454,7 +464,7 @@ class TuneStep(PipelineStep):
         if req.from_study:
             return [plan.Step(tune_label(req), "tune", f"the best lr and weight decay of study {req.from_study}",
                               reused=True)]
-        stage, variant, seed, init = c.recipe.models[0]  # each trial trains the first base model's config once
+        _, variant, seed, init = c.recipe.models[0]  # each trial trains the first base model's config once
         cfg, _, _ = step_config("tune", variant, seed, "models:/tower/1" if init else None, req.preset,
                                 c.splits is None or digit_labels(c.splits.train) is not None)
         seconds = req.tune_trials * plan.train_seconds(cfg, c.sizes["train"], c.sizes["val"], 0, c.speed(cfg))
@@ -516,8 +526,7 @@ class StackStep(PipelineStep):
         reused = False
         uris = _base_uris(r, c.bases, c.towers)
         if c.client is not None and uris is not None:  # every base reused: the stack's key is known now
-            done = find_finished(stack_key(uris, c.d, c.code, c.env), c.client)
-            reused = done is not None and _version_exists(done, c.client, registry.stack_name())
+            reused = reusable(stack_key(uris, c.d, c.code, c.env), c.client, registry.stack_name()) is not None
         # Scoring speed of a base model (the stack and the predictions score every base on their pairs).
         c.pair_s = 0.0 if reused else \
             c.speed(build_config("stage2", c.req.preset, {"model_name": r.models[0][1]})).pair_s
@@ -594,17 +603,17 @@ def _base_uris(recipe: Recipe, models: list[str | None], towers: dict[str, str |
 def _train_plan(step: tuple, c: Ctx, splits, sizes: dict, overrides: dict | None, what: str,
                 known: bool) -> tuple[plan.Step, str | None]:
     """A training step as the plan shows it, and the version a reusable finished run of it
-    registered (None when it will train). Its key is looked up only when ``known`` (the
-    versions it starts from are) and the data exist; without ``splits`` (data not made yet) it
-    trains on the default set, which carries digit labels."""
+    registered (None when it will train). Its key is looked up only when ``known`` (everything
+    it hashes is known before the run: the tower version it starts from, no tuned values still
+    to come) and the data exist; without ``splits`` (data not made yet) it trains on the
+    default set, which carries digit labels."""
     stage, variant, seed, init_uri = step
     digits = splits is None or digit_labels(splits.train) is not None
     cfg, _, label = step_config(stage, variant, seed, init_uri, c.req.preset, digits, overrides)
     version = None
     if known and c.client is not None and splits is not None:
-        key = train_key(stage, variant, seed, init_uri, c.req, splits, c.code, c.env, overrides)[3]
-        done = find_finished(key, c.client)
-        if done is not None and _version_exists(done, c.client):
+        done = reusable(train_key(stage, variant, seed, init_uri, c.req, splits, c.code, c.env, overrides)[3], c.client)
+        if done is not None:
             version = done.data.tags[names.TAG_MODEL_VERSION]
     seconds = 0.0 if version else plan.train_seconds(cfg, sizes["train"], sizes["val"], sizes.get("public", 0),
                                                      c.speed(cfg))
@@ -631,6 +640,8 @@ class Eta:
 
 
 def _run_locked(req: PipelineRequest, preset: dict, d: Path) -> dict:
+    import pairnet.stack  # noqa: F401  (the stack step's module: a broken install fails before anything trains)
+
     uri = setup_tracking(d)
     client = MlflowClient()
     code, env = code_version(), environment()
@@ -714,8 +725,8 @@ def _stack_step(base: list[dict], c: Ctx, run_stack) -> dict:
     """The stack over exactly ``base``'s versions: reused by key, or trained by ``run_stack``."""
     uris = ",".join(f"models:/{r['name']}/{r['version']}" for r in base)
     key = stack_key(uris, c.d, c.code, c.env)
-    done = find_finished(key, c.client)
-    if done is not None and _version_exists(done, c.client, registry.stack_name()):
+    done = reusable(key, c.client, registry.stack_name())
+    if done is not None:
         log.info("step stack: reused run %s", done.info.run_id)
         c.reused.append("stack")
         run_id, version = done.info.run_id, done.data.tags.get(names.TAG_MODEL_VERSION, "?")
@@ -815,8 +826,8 @@ def _train_steps(steps: list[tuple], c: Ctx, splits, overrides: dict | None = No
     todo: list[tuple[int, Member, str]] = []
     for stage, variant, seed, init_from in steps:
         cfg, name, label, key = train_key(stage, variant, seed, init_from, req, splits, c.code, c.env, overrides)
-        done = find_finished(key, c.client)
-        if done is not None and _version_exists(done, c.client):
+        done = reusable(key, c.client)
+        if done is not None:
             log.info("step %s: reused run %s (same params, code and data)", label, done.info.run_id)
             c.reused.append(label)
             rows.append(_summary_from_run(done))
