@@ -103,7 +103,8 @@ def pretrain(args, dev: torch.device) -> tuple[torch.nn.Module, dict]:
         train, val = load_pairs(Path(tmp, FILES["train"])), load_pairs(Path(tmp, FILES["val"]))
     if args.pretrain_pairs:  # a train split of another size, from the same scans and settings
         scans, targets = base_scans(gen.bases)
-        train = make_split("train", args.pretrain_pairs, scans, split_pools(targets, gen.seed)["train"], gen)
+        pool = split_pools(targets, gen.seed, gen.train_scans)["train"]
+        train = make_split("train", args.pretrain_pairs, scans, pool, gen)
     if args.pretrain_train:
         train = PairSet(x=train.x[:args.pretrain_train], y=train.y[:args.pretrain_train],
                         extras={k: v[:args.pretrain_train] for k, v in train.extras.items()}, source=train.source)

@@ -221,6 +221,26 @@ def test_pools_disjoint_and_cover_every_scan(bases, per_class):
         assert {p.size for p in pools["train"].values()} == {round(POOL_SHARE["train"] * per_class)} == {350}
 
 
+def test_a_larger_train_scan_share_grows_the_train_pool_and_keeps_pools_disjoint(tmp_path):
+    _, targets = base_scans("mnist")
+    small, large = split_pools(targets, seed=3), split_pools(targets, seed=3, train_scans=0.88)
+    for cls in range(10):
+        assert set(small["train"][cls]) < set(large["train"][cls])  # the same scans and more
+        assert large["train"][cls].size == 440 and large["val"][cls].size == 24
+        ids = np.concatenate([large[s][cls] for s in large])
+        assert np.unique(ids).size == ids.size == 500
+    meta = make_dataset(tmp_path, GenConfig(size="tiny", seed=3, train_scans=0.88))
+    assert meta["base_scans_per_class"]["train"] == [440] and meta["config"]["train_scans"] == 0.88
+
+
+def test_a_train_scan_share_that_empties_a_split_is_refused(tmp_path):
+    with pytest.raises(PairnetError, match=r"train scan share 0.99 is outside \[0.1, 0.94\]"):
+        make_dataset(tmp_path, GenConfig(size="tiny", train_scans=0.99))
+    _, targets = base_scans("sklearn")  # ~180 scans per class: 0.99 leaves the public pool none
+    with pytest.raises(PairnetError, match="leaves the public split no scan of digit"):
+        split_pools(targets, seed=3, train_scans=0.99)
+
+
 @pytest.mark.parametrize("bases", ["mnist", "sklearn"])
 def test_both_bases_make_a_valid_set(tmp_path, bases):
     meta = make_dataset(tmp_path, GenConfig(size="tiny", seed=5, bases=bases))

@@ -44,7 +44,8 @@ ID_PREFIX = {"train": "TRN", "val": "VAL", "public": "PUB", "private": "PRV"}
 # real data was made from; scikit-learn's 8×8 scans (~180 per class) stay for comparison.
 BASES = ("mnist", "sklearn")
 # Share of each class's base scans given to each split (disjoint pools): with MNIST,
-# 350 / 60 / 30 / 60 scans per class.
+# 350 / 60 / 30 / 60 scans per class. ``GenConfig.train_scans`` moves the train share;
+# the other splits then share the rest in these proportions.
 POOL_SHARE = {"train": 0.70, "val": 0.12, "public": 0.06, "private": 0.12}
 SIZES = {
     "tiny": {"train": 512, "val": 256, "public": 128, "private": 128},
@@ -96,6 +97,7 @@ class GenConfig:
     shear: float = 0.2
     shift_px: float = 6.5
     stroke: tuple[float, float] = (-1.0, 0.6)  # stroke-width blend: -1 eroded, 0 as drawn, 1 dilated
+    train_scans: float = POOL_SHARE["train"]  # share of each class's scans in the train pool
 
     def validate(self) -> None:
         if self.size not in SIZES:
@@ -108,6 +110,8 @@ class GenConfig:
             raise PairnetError(f"neighbour share {self.neighbour_share} is outside [0, 1]")
         if not 0 < self.scale_min <= self.scale_max:
             raise PairnetError(f"scale range {self.scale_min}..{self.scale_max} must satisfy 0 < min <= max")
+        if not 0.1 <= self.train_scans <= 0.94:
+            raise PairnetError(f"train scan share {self.train_scans} is outside [0.1, 0.94]")
 
 
 def base_scans(bases: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
@@ -127,14 +131,27 @@ def base_scans(bases: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
     raise PairnetError(f"unknown bases '{bases}'; choose one of {', '.join(BASES)}")
 
 
-def split_pools(targets: np.ndarray, seed: int) -> dict[str, dict[int, np.ndarray]]:
+def pool_shares(train_scans: float = POOL_SHARE["train"]) -> dict[str, float]:
+    """Each split's share of a class's scans: ``train_scans`` for train, the rest as POOL_SHARE divides it."""
+    if train_scans == POOL_SHARE["train"]:
+        return dict(POOL_SHARE)
+    rest = (1.0 - train_scans) / (1.0 - POOL_SHARE["train"])
+    return {s: train_scans if s == "train" else POOL_SHARE[s] * rest for s in SPLITS}
+
+
+def split_pools(targets: np.ndarray, seed: int,
+                train_scans: float = POOL_SHARE["train"]) -> dict[str, dict[int, np.ndarray]]:
     """Disjoint scan indices per split and class, so no scan appears in two splits."""
+    shares = pool_shares(train_scans)
     rng = np.random.default_rng([seed, 7919])
     pools: dict[str, dict[int, np.ndarray]] = {s: {} for s in SPLITS}
     for cls in range(10):
         idx = rng.permutation(np.flatnonzero(targets == cls))
-        bounds = np.cumsum([round(POOL_SHARE[s] * idx.size) for s in SPLITS[:-1]])
+        bounds = np.cumsum([round(shares[s] * idx.size) for s in SPLITS[:-1]])
         for split, part in zip(SPLITS, np.split(idx, bounds), strict=True):
+            if part.size == 0:
+                raise PairnetError(f"a train scan share of {train_scans} leaves the {split} split "
+                                   f"no scan of digit {cls}")
             pools[split][cls] = part
     return pools
 
@@ -358,7 +375,7 @@ def existing_data_files(data_dir: str | Path) -> list[str]:
 
 def _write_set(out: Path, cfg: GenConfig, progress) -> dict:
     scans, targets = base_scans(cfg.bases)
-    pools = split_pools(targets, cfg.seed)
+    pools = split_pools(targets, cfg.seed, cfg.train_scans)
     meta = {
         "generator": "pairnet.data.generate",
         "generator_version": GENERATOR_VERSION,
