@@ -49,11 +49,24 @@ def meta_features(probs: list[np.ndarray]) -> np.ndarray:
     return np.stack(cols, axis=1).astype(np.float64)
 
 
-def make_lgbm(seed: int, cfg: LgbmConfig | None = None):
+def leaf_floor(cfg: LgbmConfig, n_rows: int) -> int:
+    """The fewest pairs per leaf on ``n_rows`` training pairs: ``cfg.min_child_samples``, lowered
+    so a tree of ``num_leaves`` leaves still fits in the rows one round sees. On a small val
+    split (a folder with 100 val pairs: 80 per fold, 64 a round) 50 pairs per leaf allow no
+    split at all, and the stack would predict the prior for every pair."""
+    rows = int(n_rows * cfg.subsample)
+    return max(1, min(cfg.min_child_samples, rows // (cfg.num_leaves + 1)))
+
+
+def make_lgbm(seed: int, cfg: LgbmConfig | None = None, n_rows: int | None = None):
+    """The meta-learner, for ``n_rows`` training pairs when given (see ``leaf_floor``)."""
     from lightgbm import LGBMClassifier
 
     cfg = cfg or LgbmConfig()
-    return LGBMClassifier(**cfg.to_dict(), subsample_freq=1, random_state=seed, verbose=-1, n_jobs=2)
+    params = cfg.to_dict()
+    if n_rows is not None:
+        params["min_child_samples"] = leaf_floor(cfg, n_rows)
+    return LGBMClassifier(**params, subsample_freq=1, random_state=seed, verbose=-1, n_jobs=2)
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, n_folds: int, seed: int,
@@ -64,7 +77,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, n_folds: int, seed: int,
     oof = np.zeros(len(y))
     folds = []
     for train_idx, test_idx in StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, y):
-        model = make_lgbm(seed, cfg).fit(x[train_idx], y[train_idx])
+        model = make_lgbm(seed, cfg, n_rows=len(train_idx)).fit(x[train_idx], y[train_idx])
         oof[test_idx] = model.predict_proba(x[test_idx])[:, 1]
         folds.append(accuracy(oof[test_idx], y[test_idx]))
     return oof, folds
