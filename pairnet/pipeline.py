@@ -24,7 +24,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from pairnet import names, plan
-from pairnet.data.generate import (FILES, GENERATOR_VERSION, LABELS_CSV, SIZES, GenConfig, check_may_fill,
+from pairnet.data.generate import (FILES, GENERATOR_VERSION, LABELS_CSV, POOL_SHARE, SIZES, GenConfig, check_may_fill,
                                    ensure_dataset, has_pair_files, make_dataset)
 from pairnet.errors import PairnetError, PairnetRuntimeError
 from pairnet.fsutil import folder_lock
@@ -881,7 +881,8 @@ def _meta_matches(d: Path, gen: GenConfig) -> bool:
         return False
     return (meta.get("size") == gen.size and meta.get("seed") == gen.seed
             and meta.get("generator_version") == GENERATOR_VERSION
-            and meta.get("severity", {}).get("train") == gen.severity)
+            and meta.get("severity", {}).get("train") == gen.severity
+            and meta.get("config", {}).get("train_scans", POOL_SHARE["train"]) == gen.train_scans)
 
 
 def _run_data_step(d: Path, gen: GenConfig, parent: str) -> None:

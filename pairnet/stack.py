@@ -173,8 +173,9 @@ def run_stack(req: StackRequest) -> dict:
             mlflow.log_metric("cv_fold_acc", acc, step=i)
         mlflow.log_metrics({"cv_oof_acc": cv_acc, "cv_fold_acc_std": float(np.std(folds)), "gate_acc": gate_acc})
 
+        leaf = leaf_floor(req.lgbm, len(y_val))  # the final fit's, on all of val
         meta = make_lgbm(req.seed, req.lgbm, n_rows=len(y_val)).fit(x_val, y_val)
-        mlflow.log_param("stack.lgbm.min_child_samples_used", leaf_floor(req.lgbm, len(y_val)))
+        mlflow.log_param("stack.lgbm.min_child_samples_used", leaf)
         table = []
 
         def judge(method: str, p: np.ndarray) -> None:
@@ -201,8 +202,9 @@ def run_stack(req: StackRequest) -> dict:
 
         lineage = {"base_models": [{"key": b.key, "name": b.name, "version": b.version, "run_id": b.run_id,
                                     "val_acc": val_accs[b.key]} for b in bases],
-                   "meta_features": list(META_FEATURES), "lgbm": req.lgbm.to_dict(), "cv_oof_acc": cv_acc,
-                   "cv_fold_acc": folds}
+                   "meta_features": list(META_FEATURES),
+                   "lgbm": req.lgbm.to_dict() | {"min_child_samples_used": leaf},
+                   "cv_oof_acc": cv_acc, "cv_fold_acc": folds}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             df = pd.DataFrame(table)

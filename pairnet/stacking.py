@@ -50,10 +50,11 @@ def meta_features(probs: list[np.ndarray]) -> np.ndarray:
 
 
 def leaf_floor(cfg: LgbmConfig, n_rows: int) -> int:
-    """The fewest pairs per leaf on ``n_rows`` training pairs: ``cfg.min_child_samples``, lowered
-    so a tree of ``num_leaves`` leaves still fits in the rows one round sees. On a small val
-    split (a folder with 100 val pairs: 80 per fold, 64 a round) 50 pairs per leaf allow no
-    split at all, and the stack would predict the prior for every pair."""
+    """The fewest pairs per leaf on ``n_rows`` training pairs: ``cfg.min_child_samples``, or a
+    ``num_leaves + 1``-th of the rows one round sees when that is less, so a tree of
+    ``num_leaves`` leaves fits with room to spare. On a small val split (a folder with 100 val
+    pairs: 80 per fold, 64 a round) 50 pairs per leaf allow no split at all, and the stack
+    would predict the prior for every pair; the tiny preset's 256 val pairs get 40 in CV."""
     rows = int(n_rows * cfg.subsample)
     return max(1, min(cfg.min_child_samples, rows // (cfg.num_leaves + 1)))
 

@@ -351,3 +351,14 @@ def test_bad_cli_arguments_are_one_line(capsys):
         main(["data", "make", "--out", "x", "--size", "huge"])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "invalid choice: 'huge'" in err
+
+
+def test_a_default_set_of_another_train_scan_share_is_not_taken_for_the_default(tmp_path):
+    from pairnet.pipeline import _meta_matches
+
+    meta = make_dataset(tmp_path, GenConfig(size="tiny", seed=3, train_scans=0.88))
+    assert _meta_matches(tmp_path, GenConfig(size="tiny", seed=3, train_scans=0.88))
+    assert not _meta_matches(tmp_path, GenConfig(size="tiny", seed=3))
+    del meta["config"]["train_scans"]  # a set made before the knob existed: the default share
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert _meta_matches(tmp_path, GenConfig(size="tiny", seed=3))

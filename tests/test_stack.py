@@ -60,6 +60,10 @@ def test_stack_run_metrics_baselines_lineage(stacked, tiny_data):
     lineage = json.loads(open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
     assert run.data.params["stack.lgbm.num_leaves"] == "4" and lineage["lgbm"]["num_leaves"] == 4
     assert run.data.params["stack.lgbm.min_child_samples"] == "50"  # the defaults are logged too
+    # the tiny val split (256 pairs, 204 a round): 50 per leaf lowered to a fifth for 4 leaves
+    n_val = len(load_pairs(tiny_data / "val.npz"))
+    assert run.data.params["stack.lgbm.min_child_samples_used"] == str(int(n_val * 0.8) // 5) == "40"
+    assert lineage["lgbm"]["min_child_samples_used"] == 40
     assert sorted(b["name"] for b in lineage["base_models"]) == sorted(f"pairnet-{v}" for v in BASES)
     for b in lineage["base_models"]:
         assert client.get_model_version(b["name"], b["version"]).run_id == b["run_id"]

@@ -33,6 +33,8 @@ def test_the_leaf_floor_keeps_the_setting_where_val_is_large_enough():
     cfg = LgbmConfig()
     assert leaf_floor(cfg, 1200) == cfg.min_child_samples == 50  # quick's val: 1,500 pairs, 5 folds
     assert leaf_floor(cfg, 80) == 16  # 64 rows a round, room for 3 leaves
+    assert leaf_floor(cfg, 204) == 40  # the tiny preset's val (256 pairs), a CV fold's rows
+    assert leaf_floor(cfg, 250) == 50  # from 250 rows up: the setting as given
     assert leaf_floor(cfg, 1) == 1
     assert make_lgbm(0, n_rows=80).get_params()["min_child_samples"] == 16
     assert make_lgbm(0).get_params()["min_child_samples"] == 50
