@@ -25,7 +25,7 @@ from pairnet.data.generate import FILES
 from pairnet.data.pairs import PairSet, load_pairs, to_labels, write_npz
 from pairnet.data.splits import check_data_dir, gate_mask, load_splits, val_parts
 from pairnet.errors import PairnetError
-from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, leaf_floor, make_lgbm, meta_features
+from pairnet.stacking import META_FEATURES, LgbmConfig, cross_validate, make_lgbm, meta_features
 from pairnet.tracking import registry
 from pairnet.tracking.model import (PYFUNC_CODE, STACK_SIGNATURE, accuracy_on, check_version, copy_model_artifacts,
                                    load_trusted, mark_version, package_code, requirements, stack_artifacts)
@@ -173,8 +173,8 @@ def run_stack(req: StackRequest) -> dict:
             mlflow.log_metric("cv_fold_acc", acc, step=i)
         mlflow.log_metrics({"cv_oof_acc": cv_acc, "cv_fold_acc_std": float(np.std(folds)), "gate_acc": gate_acc})
 
-        leaf = leaf_floor(req.lgbm, len(y_val))  # the final fit's, on all of val
         meta = make_lgbm(req.seed, req.lgbm, n_rows=len(y_val)).fit(x_val, y_val)
+        leaf = meta.get_params()["min_child_samples"]  # what the final fit used (see leaf_floor)
         mlflow.log_param("stack.lgbm.min_child_samples_used", leaf)
         table = []
 

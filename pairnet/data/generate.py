@@ -132,9 +132,8 @@ def base_scans(bases: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
 
 
 def pool_shares(train_scans: float = POOL_SHARE["train"]) -> dict[str, float]:
-    """Each split's share of a class's scans: ``train_scans`` for train, the rest as POOL_SHARE divides it."""
-    if train_scans == POOL_SHARE["train"]:
-        return dict(POOL_SHARE)
+    """Each split's share of a class's scans: ``train_scans`` for train, the rest as POOL_SHARE divides it
+    (at the default, ``rest`` is exactly 1.0: POOL_SHARE itself)."""
     rest = (1.0 - train_scans) / (1.0 - POOL_SHARE["train"])
     return {s: train_scans if s == "train" else POOL_SHARE[s] * rest for s in SPLITS}
 
